@@ -1,0 +1,72 @@
+//! The `apiward` command line: one subcommand per job. Exit codes: 0 ok, 1 policy errors
+//! or failing tests, 2 usage errors (bad flags, unreadable paths).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod check;
+
+/// apiward: API security in the mesh.
+#[derive(Debug, Parser)]
+#[command(name = "apiward", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate policies offline (files and directories of YAML), as admission would.
+    Check(CheckArgs),
+    /// Print the ApiPolicy CustomResourceDefinition (YAML).
+    Crds,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// For tools: one JSON document on stdout.
+    Json,
+}
+
+/// `apiward check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Files or directories (searched recursively for *.yaml / *.yml).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value = "text")]
+    pub output: Output,
+    /// Treat warnings as errors.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// Exit code for a usage error.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code for policy errors or failing tests.
+pub const EXIT_FAILED: u8 = 1;
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command {
+        Command::Check(args) => check::run(&args),
+        Command::Crds => {
+            print!("{}", apiward_crds::crd_yaml());
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! `Report`: what a sidecar tells the operator. Sidecar → operator, JSON, versioned.
+//!
+//! Reports carry the config version the sidecar is enforcing (its acknowledgement), decision
+//! counters per policy, and inventory deltas: the endpoints it served since the last report.
+//! They never carry tokens, keys, header values or raw paths beyond the templated ones.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Workload;
+
+/// The `apiVersion` of this contract.
+pub const REPORT_API_VERSION: &str = "apiward.io/report/v1alpha1";
+
+/// One report from one sidecar.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Report {
+    /// Always `apiward.io/report/v1alpha1`.
+    pub api_version: String,
+    /// The reporting pod.
+    pub workload: Workload,
+    /// `version` of the config being enforced (the acknowledgement); none before the first.
+    #[serde(default)]
+    pub config_version: Option<String>,
+    /// The last config the sidecar refused, with why (it keeps enforcing `configVersion`).
+    #[serde(default)]
+    pub rejected_config: Option<RejectedConfig>,
+    /// Decision counts since the last report, per policy.
+    #[serde(default)]
+    pub decisions: Vec<PolicyDecisions>,
+    /// Endpoints served since the last report.
+    #[serde(default)]
+    pub inventory: Vec<InventoryEntry>,
+    /// Entries dropped because the sidecar's inventory table was full.
+    #[serde(default)]
+    pub inventory_overflow: u64,
+    /// The sidecar's current workload certificate, if it has one.
+    #[serde(default)]
+    pub certificate: Option<CertificateInfo>,
+}
+
+/// A config the sidecar refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RejectedConfig {
+    /// Its version.
+    pub version: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Decision counters for one policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyDecisions {
+    /// `namespace/name`.
+    pub policy: String,
+    /// Requests allowed.
+    pub allowed: u64,
+    /// Requests refused.
+    pub denied: u64,
+    /// Requests that would have been refused, let through by Audit mode.
+    pub would_deny: u64,
+}
+
+/// How a caller was authenticated.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+pub enum AuthKind {
+    /// No identity at all.
+    None,
+    /// mTLS peer identity.
+    Mtls,
+    /// A verified JWT.
+    Jwt,
+    /// A valid API key.
+    ApiKey,
+}
+
+/// Traffic seen on one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InventoryEntry {
+    /// The inbound port.
+    pub port: u16,
+    /// HTTP method.
+    pub method: String,
+    /// The declared template it matched, or the inferred one.
+    pub path: String,
+    /// Whether `path` is a declared endpoint.
+    pub declared: bool,
+    /// Requests counted.
+    pub requests: u64,
+    /// Responses by class, index 0 = 1xx … 4 = 5xx.
+    pub responses: [u64; 5],
+    /// Requests with no identity.
+    pub unauthenticated: u64,
+    /// Requests refused.
+    pub denied: u64,
+    /// Requests Audit mode would have refused.
+    pub would_deny: u64,
+    /// First request in this interval (Unix seconds).
+    pub first_seen: i64,
+    /// Last request in this interval (Unix seconds).
+    pub last_seen: i64,
+    /// The busiest callers in this interval, at most a few.
+    #[serde(default)]
+    pub top_principals: Vec<PrincipalCount>,
+    /// Sum of latencies, in microseconds (mean = sum / requests).
+    #[serde(default)]
+    pub latency_sum_micros: u64,
+}
+
+/// A caller and its request count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrincipalCount {
+    /// The principal.
+    pub principal: String,
+    /// Requests.
+    pub requests: u64,
+}
+
+/// A workload certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificateInfo {
+    /// Serial number, hex.
+    pub serial: String,
+    /// Expiry (Unix seconds).
+    pub not_after: i64,
+}
