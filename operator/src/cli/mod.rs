@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod check;
+mod explain;
+pub mod scenario;
 
 /// apiward: API security in the mesh.
 #[derive(Debug, Parser)]
@@ -20,6 +22,8 @@ pub struct Cli {
 enum Command {
     /// Validate policies offline (files and directories of YAML), as admission would.
     Check(CheckArgs),
+    /// Say why a request would be allowed or denied, rule by rule.
+    Explain(explain::ExplainArgs),
     /// Print the ApiPolicy CustomResourceDefinition (YAML).
     Crds,
 }
@@ -64,6 +68,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Check(args) => check::run(&args),
+        Command::Explain(args) => explain::run(&args),
         Command::Crds => {
             print!("{}", apiward_crds::crd_yaml());
             ExitCode::SUCCESS

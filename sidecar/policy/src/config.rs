@@ -275,6 +275,9 @@ pub struct QuotaConfig {
     /// What happens when the quota is spent.
     #[serde(default)]
     pub on_exceed: OnExceed,
+    /// The quota's policy is in Audit mode: exceeding it is a would-deny.
+    #[serde(default)]
+    pub audit: bool,
 }
 
 /// What a quota counts requests by.

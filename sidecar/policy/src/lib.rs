@@ -13,7 +13,11 @@
 
 pub mod config;
 pub mod duration;
+pub mod engine;
+pub mod normalize;
+pub mod quota;
 pub mod report;
+pub mod router;
 pub mod template;
 pub mod time;
 

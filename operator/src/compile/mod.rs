@@ -1,0 +1,775 @@
+//! The compiler: `(policies, workloads, secrets, configmaps) → per-pod SidecarConfig +
+//! per-policy conditions`. Pure: no client, no clock, no I/O; the same input always gives
+//! the same output and the same version hashes.
+//!
+//! Merge rules when several policies select one pod and port:
+//! - rules and quotas of every policy apply (deny wins over allow, allows are a union);
+//! - mTLS is the strictest mode; the port is Audit only if every policy is Audit
+//!   (rules and quotas of Audit policies are marked `audit` individually);
+//! - request limits take the smallest of each limit; content types must agree or the
+//!   later policy (by name) gets `Accepted=False, reason Conflicted` and is left out;
+//! - response filters are a union; declared APIs are a union; the undeclared action is
+//!   the strictest (Deny > Audit > Allow).
+//!
+//! API keys are turned into HMAC-SHA256 hashes here; raw keys never enter a config.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use apiward_crds::{self as crds, ApiPolicy};
+use apiward_policy::config::{self as wire, SidecarConfig};
+use apiward_policy::duration::parse_duration;
+use apiward_policy::time::parse_rfc3339;
+use hmac::{Hmac, Mac};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use sha2::{Digest, Sha256};
+
+/// A pod as the compiler sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// ServiceAccount.
+    #[serde(default = "default_sa")]
+    pub service_account: String,
+    /// Container ports.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+fn default_sa() -> String {
+    "default".into()
+}
+
+/// Everything the compiler reads.
+#[derive(Debug, Default, Clone)]
+pub struct Inputs {
+    /// Policies (already validated).
+    pub policies: Vec<ApiPolicy>,
+    /// Pods.
+    pub workloads: Vec<Workload>,
+    /// Secrets referenced by policies.
+    pub secrets: Vec<Secret>,
+    /// ConfigMaps referenced by policies.
+    pub config_maps: Vec<ConfigMap>,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+}
+
+/// A condition the compiler sets on a policy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyCondition {
+    /// `Accepted` or `ResolvedRefs`.
+    pub type_: &'static str,
+    /// True/False.
+    pub status: bool,
+    /// Reason constant.
+    pub reason: &'static str,
+    /// Message naming the field.
+    pub message: String,
+}
+
+/// Compiler output for one policy.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PolicyResult {
+    /// Conditions.
+    pub conditions: Vec<PolicyCondition>,
+    /// Pods it selects (`namespace/name`).
+    pub pods: Vec<String>,
+}
+
+/// Everything the compiler produces.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Per pod (`namespace/name`), its config.
+    pub configs: BTreeMap<String, SidecarConfig>,
+    /// Per policy (`namespace/name`).
+    pub policies: BTreeMap<String, PolicyResult>,
+}
+
+fn key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
+}
+
+fn policy_key(p: &ApiPolicy) -> String {
+    key(
+        p.metadata.namespace.as_deref().unwrap_or("default"),
+        p.metadata.name.as_deref().unwrap_or(""),
+    )
+}
+
+/// Does a label selector select these labels?
+pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let ml = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    ml && sel.match_expressions.iter().flatten().all(|e| {
+        let vals = e.values.as_deref().unwrap_or(&[]);
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            _ => false,
+        }
+    })
+}
+
+fn secret_value(secrets: &[Secret], ns: &str, name: &str) -> Option<BTreeMap<String, Vec<u8>>> {
+    let s = secrets.iter().find(|s| {
+        s.metadata.namespace.as_deref() == Some(ns) && s.metadata.name.as_deref() == Some(name)
+    })?;
+    let mut out: BTreeMap<String, Vec<u8>> = s
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    for (k, v) in s.string_data.iter().flatten() {
+        out.insert(k.clone(), v.as_bytes().to_vec());
+    }
+    Some(out)
+}
+
+/// The HMAC key for one API-key provider: derived from its identity, so compiles are
+/// deterministic; hashes are salted per provider (no cross-policy table lookups).
+fn hmac_key(policy: &str, provider: &str, secret: &str) -> Vec<u8> {
+    Sha256::digest(format!("apiward/apikey/v1\n{policy}\n{provider}\n{secret}")).to_vec()
+}
+
+/// HMAC-SHA256 of an API key, hex.
+pub fn hash_api_key(hmac_key: &[u8], key: &[u8]) -> String {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(hmac_key).expect("HMAC takes any key length");
+    mac.update(key);
+    hex(&mac.finalize().into_bytes())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A policy turned into its wire pieces, before merging into ports.
+#[derive(Debug, Clone)]
+struct Compiled {
+    key: String,
+    ports: Vec<u16>,
+    mode: wire::Mode,
+    mtls: wire::MtlsMode,
+    jwt: Vec<wire::JwtProvider>,
+    api_keys: Vec<wire::ApiKeyProvider>,
+    rules: Vec<wire::RuleConfig>,
+    quotas: Vec<wire::QuotaConfig>,
+    limits: wire::RequestLimits,
+    response: wire::ResponseFilter,
+    api: Option<wire::ApiSurface>,
+    egress: Option<Vec<wire::EgressRule>>,
+}
+
+fn op(o: &crds::Operation) -> wire::Operation {
+    wire::Operation {
+        methods: o.methods.iter().map(|m| m.as_str().to_owned()).collect(),
+        paths: o.paths.clone(),
+        headers: o
+            .headers
+            .iter()
+            .map(|h| wire::HeaderMatch {
+                name: h.name.clone(),
+                value: h.value.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn ms(s: &str) -> u64 {
+    parse_duration(s).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// OpenAPI `paths` → declared endpoints (methods in upper case).
+fn openapi_endpoints(doc: &str) -> Result<Vec<wire::Endpoint>, String> {
+    let v: serde_json::Value =
+        serde_norway::from_str(doc).map_err(|e| format!("not YAML/JSON: {e}"))?;
+    let paths = v
+        .get("paths")
+        .and_then(|p| p.as_object())
+        .ok_or("no paths object")?;
+    let mut out = Vec::new();
+    for (path, item) in paths {
+        apiward_policy::template::PathTemplate::parse(path).map_err(|e| e.to_string())?;
+        for m in ["get", "head", "post", "put", "patch", "delete", "options"] {
+            if let Some(opn) = item.get(m) {
+                out.push(wire::Endpoint {
+                    method: m.to_uppercase(),
+                    path: path.clone(),
+                    deprecated: opn
+                        .get("deprecated")
+                        .and_then(|d| d.as_bool())
+                        .unwrap_or(false),
+                    sunset_unix: None,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn compile_policy(
+    p: &ApiPolicy,
+    inputs: &Inputs,
+    conds: &mut Vec<PolicyCondition>,
+) -> Option<Compiled> {
+    let pk = policy_key(p);
+    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+    let errors = crds::validate(&p.spec);
+    if !errors.is_empty() {
+        conds.push(PolicyCondition {
+            type_: crds::conditions::ACCEPTED,
+            status: false,
+            reason: crds::conditions::reasons::INVALID,
+            message: errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+        return None;
+    }
+    let audit = p.spec.mode == crds::Mode::Audit;
+    let mut missing: Vec<String> = Vec::new();
+    let authn = p.spec.authentication.clone().unwrap_or_default();
+    let mut jwt = Vec::new();
+    for j in &authn.jwt {
+        let id = format!("{pk}/{}", j.name);
+        let jwks = if let Some(u) = &j.jwks_uri {
+            wire::JwksSource::Uri(u.clone())
+        } else if let Some(doc) = &j.jwks {
+            wire::JwksSource::Inline(doc.clone())
+        } else if let Some(r) = &j.jwks_secret_ref {
+            match secret_value(&inputs.secrets, ns, &r.name).and_then(|d| d.get(&r.key).cloned()) {
+                Some(b) => wire::JwksSource::Inline(String::from_utf8_lossy(&b).into_owned()),
+                None => {
+                    missing.push(format!(
+                        "Secret {ns}/{} key {} (authentication.jwt {})",
+                        r.name, r.key, j.name
+                    ));
+                    continue;
+                }
+            }
+        } else {
+            continue;
+        };
+        let mut algorithms: Vec<String> = j.algorithms.iter().map(|a| format!("{a:?}")).collect();
+        if algorithms.is_empty() {
+            algorithms = vec!["RS256".into(), "ES256".into()];
+        }
+        jwt.push(wire::JwtProvider {
+            id,
+            issuer: j.issuer.clone(),
+            audiences: j.audiences.clone(),
+            jwks,
+            algorithms,
+            clock_skew_seconds: j.clock_skew.as_deref().map_or(30, |s| ms(s) / 1000),
+            forward_claims: j.forward_claims.clone(),
+            token_header: j.header.clone().unwrap_or_else(|| "authorization".into()),
+        });
+    }
+    let mut api_keys = Vec::new();
+    for k in &authn.api_keys {
+        let id = format!("{pk}/{}", k.name);
+        let Some(data) = secret_value(&inputs.secrets, ns, &k.secret_ref.name) else {
+            missing.push(format!(
+                "Secret {ns}/{} (authentication.apiKeys {})",
+                k.secret_ref.name, k.name
+            ));
+            continue;
+        };
+        let hk = hmac_key(&pk, &k.name, &k.secret_ref.name);
+        api_keys.push(wire::ApiKeyProvider {
+            id,
+            header: if k.query.is_some() {
+                k.header.clone()
+            } else {
+                Some(k.header.clone().unwrap_or_else(|| "x-api-key".into()))
+            },
+            query: k.query.clone(),
+            keys: data
+                .iter()
+                .map(|(client, key)| wire::ApiKeyHash {
+                    client: client.clone(),
+                    hash: hash_api_key(&hk, key.trim_ascii()),
+                })
+                .collect(),
+            hmac_key: hex(&hk),
+        });
+    }
+    let mut api = None;
+    if let Some(a) = &p.spec.api {
+        let mut endpoints: Vec<wire::Endpoint> = a
+            .endpoints
+            .iter()
+            .map(|e| wire::Endpoint {
+                method: e.method.as_str().to_owned(),
+                path: e.path.clone(),
+                deprecated: e.deprecated,
+                sunset_unix: e.sunset.as_deref().and_then(parse_rfc3339),
+            })
+            .collect();
+        if let Some(r) = &a.openapi_ref {
+            let cm = inputs.config_maps.iter().find(|c| {
+                c.metadata.namespace.as_deref() == Some(ns)
+                    && c.metadata.name.as_deref() == Some(r.config_map_ref.name.as_str())
+            });
+            match cm
+                .and_then(|c| c.data.as_ref())
+                .and_then(|d| d.get(&r.config_map_ref.key))
+            {
+                None => missing.push(format!(
+                    "ConfigMap {ns}/{} key {} (api.openapiRef)",
+                    r.config_map_ref.name, r.config_map_ref.key
+                )),
+                Some(doc) => match openapi_endpoints(doc) {
+                    Ok(eps) => {
+                        for e in eps {
+                            if !endpoints
+                                .iter()
+                                .any(|x| x.method == e.method && x.path == e.path)
+                            {
+                                endpoints.push(e);
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        conds.push(PolicyCondition {
+                            type_: crds::conditions::RESOLVED_REFS,
+                            status: false,
+                            reason: crds::conditions::reasons::INVALID_REF,
+                            message: format!(
+                                "ConfigMap {ns}/{} key {}: {err}",
+                                r.config_map_ref.name, r.config_map_ref.key
+                            ),
+                        });
+                        return None;
+                    }
+                },
+            }
+        }
+        api = Some(wire::ApiSurface {
+            declared: true,
+            endpoints,
+            undeclared: match a.undeclared {
+                crds::UndeclaredAction::Allow => wire::UndeclaredAction::Allow,
+                crds::UndeclaredAction::Audit => wire::UndeclaredAction::Audit,
+                crds::UndeclaredAction::Deny => wire::UndeclaredAction::Deny,
+            },
+        });
+    }
+    if !missing.is_empty() {
+        conds.push(PolicyCondition {
+            type_: crds::conditions::RESOLVED_REFS,
+            status: false,
+            reason: crds::conditions::reasons::REF_NOT_FOUND,
+            message: format!("not found: {}", missing.join(", ")),
+        });
+        return None;
+    }
+    conds.push(PolicyCondition {
+        type_: crds::conditions::RESOLVED_REFS,
+        status: true,
+        reason: crds::conditions::reasons::RESOLVED_REFS,
+        message: "all references resolved".into(),
+    });
+    let td = &inputs.trust_domain;
+    let rules = p
+        .spec
+        .rules
+        .iter()
+        .map(|r| wire::RuleConfig {
+            policy: pk.clone(),
+            name: r.name.clone(),
+            action: match r.action {
+                crds::Action::Allow => wire::Action::Allow,
+                crds::Action::Deny => wire::Action::Deny,
+            },
+            audit: audit || r.mode == Some(crds::Mode::Audit),
+            from: r
+                .from
+                .iter()
+                .map(|s| wire::Source {
+                    principals: s
+                        .service_accounts
+                        .iter()
+                        .map(|sa| {
+                            let (n, a) = sa.split_once('/').unwrap_or(("default", sa));
+                            format!("spiffe://{td}/ns/{n}/sa/{a}")
+                        })
+                        .chain(s.identities.iter().cloned())
+                        .collect(),
+                    namespaces: s.namespaces.clone(),
+                    jwt: s.jwt.as_ref().map(|j| wire::JwtMatch {
+                        provider: format!("{pk}/{}", j.provider),
+                        claims: j.claims.clone(),
+                    }),
+                    api_keys: s.api_keys.iter().map(|k| format!("{pk}/{k}")).collect(),
+                    ip_blocks: s.ip_blocks.clone(),
+                    unauthenticated: s.unauthenticated,
+                })
+                .collect(),
+            to: r.to.iter().map(op).collect(),
+            bind: r
+                .bind
+                .iter()
+                .filter_map(|b| {
+                    let source = if let Some(p) = &b.path_param {
+                        wire::BindSource::PathParam(p.clone())
+                    } else if let Some(q) = &b.query_param {
+                        wire::BindSource::QueryParam(q.clone())
+                    } else {
+                        wire::BindSource::Header(b.header.clone()?)
+                    };
+                    Some(wire::Binding {
+                        source,
+                        claim: b.claim.clone(),
+                    })
+                })
+                .collect(),
+        })
+        .collect();
+    let quotas = p
+        .spec
+        .quotas
+        .iter()
+        .map(|q| {
+            let window = match q.limit.window {
+                crds::Window::Rolling => wire::Window::Rolling,
+                crds::Window::Calendar => wire::Window::Calendar(match q.limit.per.as_str() {
+                    "1s" => wire::CalendarUnit::Second,
+                    "1m" => wire::CalendarUnit::Minute,
+                    "1h" => wire::CalendarUnit::Hour,
+                    "1mo" => wire::CalendarUnit::Month,
+                    _ => wire::CalendarUnit::Day,
+                }),
+            };
+            wire::QuotaConfig {
+                policy: pk.clone(),
+                name: q.name.clone(),
+                matches: q.matches.iter().map(op).collect(),
+                key: if q.key.principal {
+                    wire::QuotaKey::Principal
+                } else if let Some(c) = &q.key.claim {
+                    wire::QuotaKey::Claim(c.clone())
+                } else if let Some(k) = &q.key.api_key {
+                    wire::QuotaKey::ApiKey(format!("{pk}/{k}"))
+                } else if let Some(h) = &q.key.header {
+                    wire::QuotaKey::Header(h.clone())
+                } else {
+                    wire::QuotaKey::SourceIp
+                },
+                requests: q.limit.requests,
+                period_ms: if q.limit.per == "1mo" {
+                    30 * 86_400_000
+                } else {
+                    ms(&q.limit.per)
+                },
+                burst: q.limit.burst.unwrap_or(0),
+                window,
+                scope: match q.scope {
+                    crds::QuotaScope::Local => wire::QuotaScope::Local,
+                    crds::QuotaScope::Global => wire::QuotaScope::Global,
+                },
+                on_exceed: match (q.on_exceed, &q.max_delay) {
+                    (crds::OnExceed::Delay, Some(d)) => wire::OnExceed::Delay {
+                        max_delay_ms: ms(d),
+                    },
+                    _ => wire::OnExceed::Reject,
+                },
+                audit,
+            }
+        })
+        .collect();
+    let limits = p
+        .spec
+        .request_limits
+        .as_ref()
+        .map_or_else(Default::default, |l| wire::RequestLimits {
+            max_body_bytes: l.max_body_bytes,
+            max_header_bytes: l.max_header_bytes,
+            content_types: l.content_types.clone(),
+            max_json_depth: l.max_json_depth,
+            timeout_ms: l.timeout.as_deref().map(ms),
+        });
+    let rf = p.spec.response_filter.clone().unwrap_or_default();
+    let response = wire::ResponseFilter {
+        remove_fields: rf.remove_fields,
+        remove_headers: rf.remove_headers,
+        mask_server_errors: rf.mask_server_errors.unwrap_or(true),
+    };
+    let egress = p.spec.egress.as_ref().map(|e| {
+        e.allow
+            .iter()
+            .map(|r| wire::EgressRule {
+                hosts: r.hosts.clone(),
+                cidrs: r.cidrs.clone(),
+                ports: r.ports.clone(),
+                tls_required: r.tls == crds::EgressTls::Required,
+            })
+            .collect()
+    });
+    Some(Compiled {
+        key: pk,
+        ports: p.spec.target_ref.ports.clone(),
+        mode: if audit {
+            wire::Mode::Audit
+        } else {
+            wire::Mode::Enforce
+        },
+        mtls: match p.spec.mtls {
+            crds::MtlsMode::Strict => wire::MtlsMode::Strict,
+            crds::MtlsMode::Permissive => wire::MtlsMode::Permissive,
+            crds::MtlsMode::Disabled => wire::MtlsMode::Disabled,
+        },
+        jwt,
+        api_keys,
+        rules,
+        quotas,
+        limits,
+        response,
+        api,
+        egress,
+    })
+}
+
+fn min_opt<T: Ord + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+/// Link-local and cloud-metadata addresses, blocked for egress by default (OWASP API7).
+pub const DEFAULT_BLOCKED_CIDRS: [&str; 2] = ["169.254.0.0/16", "fd00:ec2::254/128"];
+
+fn merge_port(port: u16, parts: &[&Compiled]) -> Result<wire::PortPolicy, String> {
+    let mut p = wire::PortPolicy {
+        port,
+        policies: parts.iter().map(|c| c.key.clone()).collect(),
+        mtls: parts.iter().map(|c| c.mtls).max().unwrap_or_default(),
+        mode: if parts.iter().all(|c| c.mode == wire::Mode::Audit) {
+            wire::Mode::Audit
+        } else {
+            wire::Mode::Enforce
+        },
+        jwt_providers: parts
+            .iter()
+            .flat_map(|c| c.jwt.iter().map(|j| j.id.clone()))
+            .collect(),
+        api_key_providers: parts
+            .iter()
+            .flat_map(|c| c.api_keys.iter().map(|j| j.id.clone()))
+            .collect(),
+        rules: parts.iter().flat_map(|c| c.rules.iter().cloned()).collect(),
+        quotas: parts
+            .iter()
+            .flat_map(|c| c.quotas.iter().cloned())
+            .collect(),
+        limits: Default::default(),
+        response: Default::default(),
+        api: Default::default(),
+    };
+    let mut remove_headers: BTreeSet<String> =
+        ["server".to_string(), "x-powered-by".to_string()].into();
+    let mut remove_fields = BTreeSet::new();
+    for c in parts {
+        let l = &c.limits;
+        p.limits.max_body_bytes = min_opt(p.limits.max_body_bytes, l.max_body_bytes);
+        p.limits.max_header_bytes = min_opt(p.limits.max_header_bytes, l.max_header_bytes);
+        p.limits.max_json_depth = min_opt(p.limits.max_json_depth, l.max_json_depth);
+        p.limits.timeout_ms = min_opt(p.limits.timeout_ms, l.timeout_ms);
+        if !l.content_types.is_empty() {
+            if !p.limits.content_types.is_empty() && p.limits.content_types != l.content_types {
+                return Err(format!(
+                    "{} sets requestLimits.contentTypes {:?} on port {port}, but another policy selecting the same pods sets {:?}",
+                    c.key, l.content_types, p.limits.content_types
+                ));
+            }
+            p.limits.content_types = l.content_types.clone();
+        }
+        remove_headers.extend(c.response.remove_headers.iter().cloned());
+        remove_fields.extend(c.response.remove_fields.iter().cloned());
+        p.response.mask_server_errors |= c.response.mask_server_errors;
+        if let Some(a) = &c.api {
+            p.api.declared = true;
+            p.api.undeclared = match (p.api.undeclared, a.undeclared) {
+                (wire::UndeclaredAction::Deny, _) | (_, wire::UndeclaredAction::Deny) => {
+                    wire::UndeclaredAction::Deny
+                }
+                (wire::UndeclaredAction::Audit, _) | (_, wire::UndeclaredAction::Audit) => {
+                    wire::UndeclaredAction::Audit
+                }
+                _ => wire::UndeclaredAction::Allow,
+            };
+            p.api.endpoints.extend(a.endpoints.iter().cloned());
+        }
+    }
+    p.response.remove_headers = remove_headers.into_iter().collect();
+    p.response.remove_fields = remove_fields.into_iter().collect();
+    Ok(p)
+}
+
+/// Compiles everything. Deterministic: inputs are sorted before use.
+pub fn compile(inputs: &Inputs) -> Output {
+    let mut out = Output::default();
+    let mut policies: Vec<&ApiPolicy> = inputs.policies.iter().collect();
+    policies.sort_by_key(|p| policy_key(p));
+    let mut compiled: Vec<(Compiled, &ApiPolicy)> = Vec::new();
+    for p in policies {
+        let mut conds = Vec::new();
+        let c = compile_policy(p, inputs, &mut conds);
+        out.policies.insert(
+            policy_key(p),
+            PolicyResult {
+                conditions: conds,
+                pods: Vec::new(),
+            },
+        );
+        if let Some(c) = c {
+            compiled.push((c, p));
+        }
+    }
+    let mut workloads: Vec<&Workload> = inputs.workloads.iter().collect();
+    workloads.sort_by_key(|w| key(&w.namespace, &w.name));
+    let mut rejected: BTreeMap<String, String> = BTreeMap::new();
+    let mut drafts: Vec<(String, SidecarConfig)> = Vec::new();
+    for w in workloads {
+        let wk = key(&w.namespace, &w.name);
+        let selecting: Vec<&Compiled> = compiled
+            .iter()
+            .filter(|(c, p)| {
+                p.metadata.namespace.as_deref() == Some(w.namespace.as_str())
+                    && selects(&p.spec.target_ref.selector, &w.labels)
+                    && !rejected.contains_key(&c.key)
+            })
+            .map(|(c, _)| c)
+            .collect();
+        for c in &selecting {
+            if let Some(r) = out.policies.get_mut(&c.key) {
+                r.pods.push(wk.clone());
+            }
+        }
+        let mut ports: BTreeSet<u16> = w.ports.iter().copied().collect();
+        for c in &selecting {
+            ports.extend(c.ports.iter().copied());
+        }
+        let mut port_policies = Vec::new();
+        for port in ports {
+            let parts: Vec<&Compiled> = selecting
+                .iter()
+                .filter(|c| c.ports.is_empty() || c.ports.contains(&port))
+                .copied()
+                .collect();
+            if parts.is_empty() {
+                continue;
+            }
+            match merge_port(port, &parts) {
+                Ok(pp) => port_policies.push(pp),
+                Err(msg) => {
+                    if let Some(last) = parts.last() {
+                        rejected.insert(last.key.clone(), msg);
+                    }
+                }
+            }
+        }
+        let mut jwt_providers: Vec<wire::JwtProvider> = selecting
+            .iter()
+            .flat_map(|c| c.jwt.iter().cloned())
+            .collect();
+        jwt_providers.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut api_key_providers: Vec<wire::ApiKeyProvider> = selecting
+            .iter()
+            .flat_map(|c| c.api_keys.iter().cloned())
+            .collect();
+        api_key_providers.sort_by(|a, b| a.id.cmp(&b.id));
+        let restricted: Vec<&Vec<wire::EgressRule>> =
+            selecting.iter().filter_map(|c| c.egress.as_ref()).collect();
+        let egress = wire::EgressPolicy {
+            restricted: !restricted.is_empty(),
+            allow: restricted.into_iter().flatten().cloned().collect(),
+            blocked_cidrs: DEFAULT_BLOCKED_CIDRS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        };
+        let mut cfg = SidecarConfig {
+            api_version: wire::SIDECAR_CONFIG_API_VERSION.into(),
+            version: String::new(),
+            workload: wire::Workload {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                service_account: w.service_account.clone(),
+            },
+            trust_domain: inputs.trust_domain.clone(),
+            default_mtls: wire::MtlsMode::Strict,
+            ports: port_policies,
+            jwt_providers,
+            api_key_providers,
+            egress,
+        };
+        cfg.version = version_of(&cfg);
+        drafts.push((wk, cfg));
+    }
+    for (pk, msg) in &rejected {
+        if let Some(r) = out.policies.get_mut(pk) {
+            r.conditions.push(PolicyCondition {
+                type_: crds::conditions::ACCEPTED,
+                status: false,
+                reason: crds::conditions::reasons::CONFLICTED,
+                message: msg.clone(),
+            });
+        }
+    }
+    if !rejected.is_empty() {
+        // Recompile without the conflicting policies so nothing is half-applied.
+        let mut again = inputs.clone();
+        again
+            .policies
+            .retain(|p| !rejected.contains_key(&policy_key(p)));
+        let second = compile(&again);
+        out.configs = second.configs;
+        for (k, r) in second.policies {
+            if !rejected.contains_key(&k) {
+                out.policies.insert(k, r);
+            }
+        }
+        return out;
+    }
+    for r in out.policies.values_mut() {
+        if !r.conditions.iter().any(|c| !c.status) {
+            r.conditions.insert(
+                0,
+                PolicyCondition {
+                    type_: crds::conditions::ACCEPTED,
+                    status: true,
+                    reason: crds::conditions::reasons::ACCEPTED,
+                    message: "the policy is valid".into(),
+                },
+            );
+        }
+    }
+    out.configs = drafts.into_iter().collect();
+    out
+}
+
+/// Content hash of a config (its `version` field excluded).
+pub fn version_of(cfg: &SidecarConfig) -> String {
+    let mut c = cfg.clone();
+    c.version = String::new();
+    let bytes = serde_json::to_vec(&c).expect("configs always serialize");
+    hex(&Sha256::digest(&bytes)[..8])
+}

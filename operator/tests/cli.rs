@@ -1,0 +1,116 @@
+//! The `apiward` binary as users and CI run it: exit codes, output, policy tests, explain.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+fn apiward(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_apiward"))
+        .args(args)
+        .current_dir(repo(""))
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn check_examples_passes_and_runs_the_policy_tests() {
+    let o = apiward(&["check", "examples", "--output", "json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--output json is JSON");
+    assert_eq!(v["ok"], true);
+    assert!(v["tests"].as_u64().unwrap() >= 25, "{v}");
+    assert_eq!(v["tests_failed"], 0);
+}
+
+#[test]
+fn check_invalid_exits_1_naming_file_object_and_field() {
+    let o = apiward(&["check", "examples-invalid"]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(out.contains("examples-invalid/01-bind-param-not-in-path.yaml: error[invalid] ApiPolicy shop/bad spec.rules[0].bind:"), "{out}");
+    let o = apiward(&["check", "examples-invalid", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["errors"].as_u64(), Some(20));
+}
+
+#[test]
+fn a_failing_policy_test_fails_the_check() {
+    let dir = std::env::temp_dir().join(format!("apiward-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(repo("examples/shop/users.yaml"), dir.join("users.yaml")).unwrap();
+    std::fs::copy(
+        repo("examples/shop/corp-jwks.yaml"),
+        dir.join("corp-jwks.yaml"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("wrong.test.yaml"),
+        "tests:\n  - name: claims BOLA is allowed\n    workload: {namespace: shop, labels: {app: users}}\n    request: {method: GET, path: /users/43}\n    caller: {jwt: {provider: corp, claims: {sub: \"42\", scope: profile}}}\n    expect: {allowed: true}\n",
+    )
+    .unwrap();
+    let o = apiward(&["check", dir.to_str().unwrap()]);
+    let out = stdout(&o);
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("claims BOLA is allowed") && out.contains("allowed: expected true, got false"),
+        "{out}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(apiward(&["check", "no/such/dir"]).status.code(), Some(2));
+    assert_eq!(apiward(&["check"]).status.code(), Some(2));
+}
+
+#[test]
+fn explain_shows_the_failed_binding_for_bola() {
+    for path in ["/users/43", "/users/42/../43", "/users/%34%33"] {
+        let o = apiward(&[
+            "explain",
+            "-f",
+            "examples",
+            "--workload",
+            "shop/app=users",
+            &format!("GET {path}"),
+            "--claim",
+            "sub=42",
+            "--claim",
+            "scope=profile",
+        ]);
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}");
+        assert!(
+            out.contains(
+                "decision: DENY 403 — reason binding_failed, by shop/users-api/own-profile"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("path parameter {userId} is \"43\" but claim sub is \"42\""),
+            "{out}"
+        );
+    }
+    let o = apiward(&[
+        "explain",
+        "-f",
+        "examples",
+        "--workload",
+        "shop/app=users",
+        "GET /users/42",
+        "--claim",
+        "sub=42",
+        "--claim",
+        "scope=profile",
+    ]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("decision: ALLOW"));
+}

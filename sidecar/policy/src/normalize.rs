@@ -1,0 +1,228 @@
+//! Request-path normalization: the first step of every decision (OWASP API1).
+//!
+//! Rules are matched against the path the app will act on, so the sidecar must see what the
+//! app sees. Normalization:
+//!
+//! 1. refuses anything that is not an origin-form path (`/…`), control characters, raw
+//!    non-ASCII, `\`, `#`, and malformed percent-encodings;
+//! 2. decodes percent-encoded *unreserved* characters (`%34%33` → `43`) and upper-cases the
+//!    hex of every other encoding;
+//! 3. refuses encodings that would hide a separator or a traversal: `%2F` (`/`), `%5C`
+//!    (`\`), `%25` (double encoding), `%00`, and segments that decode to `.` or `..`;
+//! 4. merges duplicate slashes (`/users//43` → `/users/43`) and resolves plain dot
+//!    segments (`/users/42/../43` → `/users/43`), never climbing above the root.
+//!
+//! Ambiguous input is refused (400), never guessed.
+
+/// Why a path was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// Does not start with `/`.
+    #[error("the path must start with '/'")]
+    NotOriginForm,
+    /// A byte that may not appear in a path.
+    #[error("the path contains a forbidden character")]
+    ForbiddenChar,
+    /// `%` not followed by two hex digits.
+    #[error("the path has a malformed percent-encoding")]
+    BadEncoding,
+    /// An encoded `/`, `\`, `%` or NUL.
+    #[error("the path encodes a separator or a percent sign")]
+    EncodedSeparator,
+    /// A segment that decodes to `.` or `..` from an encoded form.
+    #[error("the path hides a dot segment in an encoding")]
+    EncodedTraversal,
+    /// Too many segments or too long.
+    #[error("the path is too long")]
+    TooLong,
+}
+
+/// Longest raw path accepted, in bytes.
+pub const MAX_PATH_LEN: usize = 8192;
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// A normalized path: the text and its segment boundaries.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NormalizedPath {
+    text: String,
+    /// (start, end) byte offsets of each segment in `text` (after the leading '/').
+    segments: Vec<(u32, u32)>,
+}
+
+impl NormalizedPath {
+    /// The normalized path, e.g. `/users/43`.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Number of segments (`/` has none, `/a/` has two: `a` and the empty one).
+    pub fn len(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// True for `/`.
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// Segment `i`.
+    pub fn segment(&self, i: usize) -> &str {
+        let (s, e) = self.segments[i];
+        &self.text[s as usize..e as usize]
+    }
+
+    /// All segments.
+    pub fn segments(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.segments
+            .iter()
+            .map(|&(s, e)| &self.text[s as usize..e as usize])
+    }
+}
+
+/// Normalizes a raw request path (without the query string).
+pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
+    let bytes = raw.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(PathError::NotOriginForm);
+    }
+    if bytes.len() > MAX_PATH_LEN {
+        return Err(PathError::TooLong);
+    }
+    // Decode segment by segment into a stack of (decoded segment, was_encoded_dot).
+    let mut out: Vec<String> = Vec::with_capacity(8);
+    let mut trailing_empty = false;
+    for raw_seg in raw[1..].split('/') {
+        let mut seg = String::with_capacity(raw_seg.len());
+        let mut had_encoding = false;
+        let sb = raw_seg.as_bytes();
+        let mut i = 0;
+        while i < sb.len() {
+            let b = sb[i];
+            match b {
+                b'%' => {
+                    let (h, l) = match (
+                        sb.get(i + 1).copied().and_then(hex),
+                        sb.get(i + 2).copied().and_then(hex),
+                    ) {
+                        (Some(h), Some(l)) => (h, l),
+                        _ => return Err(PathError::BadEncoding),
+                    };
+                    let v = h * 16 + l;
+                    had_encoding = true;
+                    if matches!(v, b'/' | b'\\' | b'%' | 0) {
+                        return Err(PathError::EncodedSeparator);
+                    }
+                    if is_unreserved(v) {
+                        seg.push(v as char);
+                    } else {
+                        seg.push('%');
+                        seg.push(char::from(b"0123456789ABCDEF"[usize::from(h)]));
+                        seg.push(char::from(b"0123456789ABCDEF"[usize::from(l)]));
+                    }
+                    i += 3;
+                }
+                b'#' | b'\\' | b'?' => return Err(PathError::ForbiddenChar),
+                0x21..=0x7e => {
+                    seg.push(b as char);
+                    i += 1;
+                }
+                _ => return Err(PathError::ForbiddenChar),
+            }
+        }
+        match seg.as_str() {
+            "." | ".." if had_encoding => return Err(PathError::EncodedTraversal),
+            "." => trailing_empty = true,
+            ".." => {
+                out.pop();
+                trailing_empty = true;
+            }
+            "" => trailing_empty = true, // duplicate slash (merged) or trailing slash
+            _ => {
+                out.push(seg);
+                trailing_empty = false;
+            }
+        }
+        if out.len() > crate::template::MAX_SEGMENTS * 2 {
+            return Err(PathError::TooLong);
+        }
+    }
+    let mut text = String::with_capacity(raw.len());
+    let mut segments = Vec::with_capacity(out.len() + 1);
+    for s in &out {
+        text.push('/');
+        let start = text.len() as u32;
+        text.push_str(s);
+        segments.push((start, text.len() as u32));
+    }
+    // Keep one trailing slash (it is meaningful to many apps), but only after a segment.
+    if trailing_empty && !out.is_empty() {
+        text.push('/');
+        let at = text.len() as u32;
+        segments.push((at, at));
+    }
+    if text.is_empty() {
+        text.push('/');
+    }
+    Ok(NormalizedPath { text, segments })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> Result<String, PathError> {
+        normalize(s).map(|p| p.as_str().to_owned())
+    }
+
+    #[test]
+    fn normalizes_what_apps_treat_as_the_same_path() {
+        assert_eq!(n("/users/42").unwrap(), "/users/42");
+        assert_eq!(n("/users/%34%33").unwrap(), "/users/43");
+        assert_eq!(n("/users/42/../43").unwrap(), "/users/43");
+        assert_eq!(n("/users//43").unwrap(), "/users/43");
+        assert_eq!(n("/users/./43").unwrap(), "/users/43");
+        assert_eq!(n("/../../etc").unwrap(), "/etc");
+        assert_eq!(n("/").unwrap(), "/");
+        assert_eq!(n("//").unwrap(), "/");
+        assert_eq!(n("/orders/").unwrap(), "/orders/");
+        assert_eq!(n("/a/b/..").unwrap(), "/a/");
+        assert_eq!(n("/caf%c3%a9").unwrap(), "/caf%C3%A9");
+        assert_eq!(n("/%7Euser").unwrap(), "/~user");
+    }
+
+    #[test]
+    fn refuses_what_hides_a_separator_or_traversal() {
+        assert_eq!(n("/users/42%2F..%2F43"), Err(PathError::EncodedSeparator));
+        assert_eq!(n("/users/%2e%2e/43"), Err(PathError::EncodedTraversal));
+        assert_eq!(n("/users/.%2e/43"), Err(PathError::EncodedTraversal));
+        assert_eq!(n("/a%5Cb"), Err(PathError::EncodedSeparator));
+        assert_eq!(n("/a%252F"), Err(PathError::EncodedSeparator));
+        assert_eq!(n("/a%00"), Err(PathError::EncodedSeparator));
+        assert_eq!(n("/a%zz"), Err(PathError::BadEncoding));
+        assert_eq!(n("/a%4"), Err(PathError::BadEncoding));
+        assert_eq!(n("/a\\b"), Err(PathError::ForbiddenChar));
+        assert_eq!(n("/a b"), Err(PathError::ForbiddenChar));
+        assert_eq!(n("/é"), Err(PathError::ForbiddenChar));
+        assert_eq!(n("users"), Err(PathError::NotOriginForm));
+        assert_eq!(n("*"), Err(PathError::NotOriginForm));
+    }
+
+    #[test]
+    fn segments_are_addressable() {
+        let p = normalize("/a//b/c/").unwrap();
+        assert_eq!(p.segments().collect::<Vec<_>>(), ["a", "b", "c", ""]);
+        assert_eq!(p.segment(1), "b");
+    }
+}

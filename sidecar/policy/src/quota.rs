@@ -1,0 +1,404 @@
+//! Quota arithmetic with the clock passed in.
+//!
+//! - **Rolling** windows use GCRA (the generic cell rate algorithm): one timestamp per key.
+//!   A quota of `requests` per `period` with `burst` lets `requests + burst` requests through
+//!   at once and then one every `period / requests`. "100 per minute" therefore lets a quiet
+//!   client send 100 at once and the 101st is refused until the window slides.
+//! - **Calendar** windows count requests per fixed UTC window (second, minute, hour, day,
+//!   month) and reset on the boundary.
+//!
+//! `Delay` reserves the next free slot and says how long to wait, if that is within the
+//! quota's maximum delay; otherwise the request is rejected and nothing is reserved.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::config::{CalendarUnit, OnExceed, QuotaConfig, Window};
+use crate::time::{civil_from_days, days_from_civil};
+
+/// The stored state of one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaState {
+    /// GCRA theoretical arrival time, Unix ms.
+    Rolling {
+        /// Theoretical arrival time.
+        tat_ms: u64,
+    },
+    /// Requests counted in the window starting at `window_start_ms`.
+    Calendar {
+        /// Window start, Unix ms.
+        window_start_ms: u64,
+        /// Requests counted.
+        count: u64,
+    },
+}
+
+/// The answer for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaVerdict {
+    /// The request may proceed (possibly after `delay_ms`).
+    pub allowed: bool,
+    /// Wait this long before forwarding (Delay mode), in ms.
+    pub delay_ms: u64,
+    /// Requests allowed per window (including burst).
+    pub limit: u64,
+    /// Requests left right now.
+    pub remaining: u64,
+    /// Until the budget is fully restored (Rolling) or the window resets (Calendar), ms.
+    pub reset_ms: u64,
+    /// When refused: how long until a request would pass, ms.
+    pub retry_after_ms: u64,
+}
+
+/// Start and length of the calendar window containing `now_ms`.
+pub fn calendar_window(unit: CalendarUnit, now_ms: u64) -> (u64, u64) {
+    let fixed = |len: u64| (now_ms - now_ms % len, len);
+    match unit {
+        CalendarUnit::Second => fixed(1_000),
+        CalendarUnit::Minute => fixed(60_000),
+        CalendarUnit::Hour => fixed(3_600_000),
+        CalendarUnit::Day => fixed(86_400_000),
+        CalendarUnit::Month => {
+            let days = (now_ms / 86_400_000) as i64;
+            let (y, m, _) = civil_from_days(days);
+            let start = days_from_civil(y, m, 1);
+            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            let end = days_from_civil(ny, nm, 1);
+            (start as u64 * 86_400_000, (end - start) as u64 * 86_400_000)
+        }
+    }
+}
+
+/// Applies one request to a key's state. Returns the verdict and the state to store.
+pub fn acquire(
+    q: &QuotaConfig,
+    state: Option<QuotaState>,
+    now_ms: u64,
+) -> (QuotaVerdict, Option<QuotaState>) {
+    let max_delay = match q.on_exceed {
+        OnExceed::Reject => 0,
+        OnExceed::Delay { max_delay_ms } => max_delay_ms,
+    };
+    match q.window {
+        Window::Rolling => {
+            let requests = q.requests.max(1);
+            let t = (q.period_ms / requests).max(1);
+            let limit = requests + q.burst;
+            let tau = t * (limit - 1);
+            let tat = match state {
+                Some(QuotaState::Rolling { tat_ms }) => tat_ms.max(now_ms),
+                _ => now_ms,
+            };
+            let new_tat = tat + t;
+            let allow_at = new_tat.saturating_sub(tau + t);
+            if now_ms >= allow_at || allow_at - now_ms <= max_delay {
+                let delay_ms = allow_at.saturating_sub(now_ms);
+                let used = new_tat - now_ms;
+                let remaining = (tau + t).saturating_sub(used) / t;
+                (
+                    QuotaVerdict {
+                        allowed: true,
+                        delay_ms,
+                        limit,
+                        remaining,
+                        reset_ms: used,
+                        retry_after_ms: 0,
+                    },
+                    Some(QuotaState::Rolling { tat_ms: new_tat }),
+                )
+            } else {
+                let used = tat - now_ms;
+                (
+                    QuotaVerdict {
+                        allowed: false,
+                        delay_ms: 0,
+                        limit,
+                        remaining: 0,
+                        reset_ms: used,
+                        retry_after_ms: allow_at - now_ms,
+                    },
+                    state,
+                )
+            }
+        }
+        Window::Calendar(unit) => {
+            let (start, len) = calendar_window(unit, now_ms);
+            let count = match state {
+                Some(QuotaState::Calendar {
+                    window_start_ms,
+                    count,
+                }) if window_start_ms == start => count,
+                _ => 0,
+            };
+            let reset_ms = start + len - now_ms;
+            if count < q.requests {
+                (
+                    QuotaVerdict {
+                        allowed: true,
+                        delay_ms: 0,
+                        limit: q.requests,
+                        remaining: q.requests - count - 1,
+                        reset_ms,
+                        retry_after_ms: 0,
+                    },
+                    Some(QuotaState::Calendar {
+                        window_start_ms: start,
+                        count: count + 1,
+                    }),
+                )
+            } else if reset_ms <= max_delay {
+                (
+                    QuotaVerdict {
+                        allowed: true,
+                        delay_ms: reset_ms,
+                        limit: q.requests,
+                        remaining: q.requests.saturating_sub(1),
+                        reset_ms: reset_ms + len,
+                        retry_after_ms: 0,
+                    },
+                    Some(QuotaState::Calendar {
+                        window_start_ms: start + len,
+                        count: 1,
+                    }),
+                )
+            } else {
+                (
+                    QuotaVerdict {
+                        allowed: false,
+                        delay_ms: 0,
+                        limit: q.requests,
+                        remaining: 0,
+                        reset_ms,
+                        retry_after_ms: reset_ms,
+                    },
+                    state,
+                )
+            }
+        }
+    }
+}
+
+/// Whether a stored state no longer limits anything at `now_ms` (safe to forget).
+pub fn is_idle(state: &QuotaState, q: &QuotaConfig, now_ms: u64) -> bool {
+    match (state, q.window) {
+        (QuotaState::Rolling { tat_ms }, _) => *tat_ms <= now_ms,
+        (
+            QuotaState::Calendar {
+                window_start_ms, ..
+            },
+            Window::Calendar(unit),
+        ) => calendar_window(unit, now_ms).0 != *window_start_ms,
+        _ => true,
+    }
+}
+
+/// Where quota counters live; the engine asks it once per applicable quota.
+pub trait QuotaStore {
+    /// Counts one request for `key` of quota number `index` of the port.
+    fn acquire(
+        &self,
+        port: u16,
+        index: usize,
+        q: &QuotaConfig,
+        key: &str,
+        now_ms: u64,
+    ) -> QuotaVerdict;
+}
+
+/// In-memory counters with a hard cap on keys: when full, idle keys are dropped first;
+/// if none is idle, the new key is refused service by the quota (fail closed), so a client
+/// spraying random keys cannot grow memory without limit.
+#[derive(Debug)]
+pub struct LocalQuotas {
+    max_keys: usize,
+    state: Mutex<HashMap<(u16, usize, String), QuotaState>>,
+}
+
+impl LocalQuotas {
+    /// A store holding at most `max_keys` keys.
+    pub fn new(max_keys: usize) -> Self {
+        Self {
+            max_keys,
+            state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Keys held now.
+    pub fn len(&self) -> usize {
+        self.state.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// True when no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl QuotaStore for LocalQuotas {
+    fn acquire(
+        &self,
+        port: u16,
+        index: usize,
+        q: &QuotaConfig,
+        key: &str,
+        now_ms: u64,
+    ) -> QuotaVerdict {
+        let mut map = match self.state.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let id = (port, index, key.to_owned());
+        let prev = map.get(&id).copied();
+        if prev.is_none() && map.len() >= self.max_keys {
+            map.retain(|_, s| match s {
+                QuotaState::Rolling { tat_ms } => *tat_ms > now_ms,
+                QuotaState::Calendar { .. } => !is_idle(s, q, now_ms),
+            });
+            if map.len() >= self.max_keys {
+                return QuotaVerdict {
+                    allowed: false,
+                    delay_ms: 0,
+                    limit: q.requests,
+                    remaining: 0,
+                    reset_ms: 1_000,
+                    retry_after_ms: 1_000,
+                };
+            }
+        }
+        let (verdict, next) = acquire(q, prev, now_ms);
+        if let Some(s) = next {
+            map.insert(id, s);
+        }
+        verdict
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{QuotaKey, QuotaScope};
+    use crate::time::parse_rfc3339;
+
+    fn quota(
+        requests: u64,
+        period_ms: u64,
+        burst: u64,
+        window: Window,
+        on_exceed: OnExceed,
+    ) -> QuotaConfig {
+        QuotaConfig {
+            policy: "ns/p".into(),
+            name: "q".into(),
+            matches: vec![],
+            key: QuotaKey::SourceIp,
+            requests,
+            period_ms,
+            burst,
+            window,
+            scope: QuotaScope::Local,
+            on_exceed,
+            audit: false,
+        }
+    }
+
+    #[test]
+    fn rolling_allows_the_limit_then_refuses_with_retry_after() {
+        let q = quota(100, 60_000, 0, Window::Rolling, OnExceed::Reject);
+        let store = LocalQuotas::new(10);
+        let now = 1_000_000;
+        for i in 0..100 {
+            let v = store.acquire(80, 0, &q, "k", now);
+            assert!(v.allowed, "request {i}");
+            assert_eq!(v.remaining, 99 - i);
+        }
+        let v = store.acquire(80, 0, &q, "k", now);
+        assert!(!v.allowed);
+        assert_eq!(v.retry_after_ms, 600);
+        // Another key is unaffected.
+        assert!(store.acquire(80, 0, &q, "other", now).allowed);
+        // After one emission interval, one more passes.
+        assert!(store.acquire(80, 0, &q, "k", now + 600).allowed);
+        assert!(!store.acquire(80, 0, &q, "k", now + 600).allowed);
+    }
+
+    #[test]
+    fn burst_adds_to_the_instant_capacity() {
+        let q = quota(10, 1_000, 5, Window::Rolling, OnExceed::Reject);
+        let mut s = None;
+        let mut passed = 0;
+        for _ in 0..20 {
+            let (v, n) = acquire(&q, s, 0);
+            s = n;
+            passed += u64::from(v.allowed);
+        }
+        assert_eq!(passed, 15);
+    }
+
+    #[test]
+    fn delay_reserves_a_slot_within_the_maximum() {
+        let q = quota(
+            1,
+            1_000,
+            0,
+            Window::Rolling,
+            OnExceed::Delay {
+                max_delay_ms: 1_500,
+            },
+        );
+        let (v1, s) = acquire(&q, None, 0);
+        assert!(v1.allowed && v1.delay_ms == 0);
+        let (v2, s) = acquire(&q, s, 0);
+        assert!(v2.allowed);
+        assert_eq!(v2.delay_ms, 1_000);
+        let (v3, _) = acquire(&q, s, 0);
+        assert!(!v3.allowed, "a third request would wait 2s > 1.5s");
+        assert_eq!(v3.retry_after_ms, 2_000);
+    }
+
+    #[test]
+    fn calendar_day_resets_at_utc_midnight() {
+        let q = quota(
+            2,
+            86_400_000,
+            0,
+            Window::Calendar(CalendarUnit::Day),
+            OnExceed::Reject,
+        );
+        let before = parse_rfc3339("2026-03-31T23:59:59Z").unwrap() as u64 * 1000;
+        let (_, s) = acquire(&q, None, before);
+        let (_, s) = acquire(&q, s, before);
+        let (v, s) = acquire(&q, s, before);
+        assert!(!v.allowed);
+        assert_eq!(v.retry_after_ms, 1_000);
+        let (v, _) = acquire(&q, s, before + 1_000);
+        assert!(v.allowed, "a new UTC day");
+    }
+
+    #[test]
+    fn calendar_months_have_their_real_length() {
+        let ms = |s: &str| parse_rfc3339(s).unwrap() as u64 * 1000;
+        let (start, len) = calendar_window(CalendarUnit::Month, ms("2024-02-15T12:00:00Z"));
+        assert_eq!(start, ms("2024-02-01T00:00:00Z"));
+        assert_eq!(len, 29 * 86_400_000);
+        let (start, len) = calendar_window(CalendarUnit::Month, ms("2026-12-31T23:59:59Z"));
+        assert_eq!(start, ms("2026-12-01T00:00:00Z"));
+        assert_eq!(start + len, ms("2027-01-01T00:00:00Z"));
+        assert_eq!(
+            calendar_window(CalendarUnit::Month, ms("2025-02-10T00:00:00Z")).1,
+            28 * 86_400_000
+        );
+    }
+
+    #[test]
+    fn local_store_is_bounded() {
+        let q = quota(1, 60_000, 0, Window::Rolling, OnExceed::Reject);
+        let store = LocalQuotas::new(100);
+        for i in 0..1_000 {
+            store.acquire(80, 0, &q, &format!("spray-{i}"), 0);
+        }
+        assert_eq!(store.len(), 100);
+        // Once their windows pass, idle keys make room again.
+        assert!(store.acquire(80, 0, &q, "late", 60_000).allowed);
+        assert!(store.len() <= 100);
+    }
+}
