@@ -12,8 +12,11 @@
 //!   the strictest (Deny > Audit > Allow).
 //!
 //! API keys are turned into HMAC-SHA256 hashes here; raw keys never enter a config.
+//!
+//! An update that cannot be used (invalid, or a reference missing) never reaches a
+//! sidecar: the policy's last good version stays in force and its conditions say why.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use apiward_crds::{self as crds, ApiPolicy};
 use apiward_policy::config::{self as wire, SidecarConfig};
@@ -123,10 +126,18 @@ pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
     })
 }
 
-fn secret_value(secrets: &[Secret], ns: &str, name: &str) -> Option<BTreeMap<String, Vec<u8>>> {
-    let s = secrets.iter().find(|s| {
-        s.metadata.namespace.as_deref() == Some(ns) && s.metadata.name.as_deref() == Some(name)
-    })?;
+/// The Secrets and ConfigMaps a policy may reference, by `namespace/name`.
+struct Refs<'a> {
+    secrets: &'a BTreeMap<String, Secret>,
+    config_maps: &'a BTreeMap<String, ConfigMap>,
+}
+
+fn secret_value(
+    secrets: &BTreeMap<String, Secret>,
+    ns: &str,
+    name: &str,
+) -> Option<BTreeMap<String, Vec<u8>>> {
+    let s = secrets.get(&key(ns, name))?;
     let mut out: BTreeMap<String, Vec<u8>> = s
         .data
         .iter()
@@ -223,7 +234,8 @@ fn openapi_endpoints(doc: &str) -> Result<Vec<wire::Endpoint>, String> {
 
 fn compile_policy(
     p: &ApiPolicy,
-    inputs: &Inputs,
+    inputs: &Refs<'_>,
+    trust_domain: &str,
     conds: &mut Vec<PolicyCondition>,
 ) -> Option<Compiled> {
     let pk = policy_key(p);
@@ -253,7 +265,7 @@ fn compile_policy(
         } else if let Some(doc) = &j.jwks {
             wire::JwksSource::Inline(doc.clone())
         } else if let Some(r) = &j.jwks_secret_ref {
-            match secret_value(&inputs.secrets, ns, &r.name).and_then(|d| d.get(&r.key).cloned()) {
+            match secret_value(inputs.secrets, ns, &r.name).and_then(|d| d.get(&r.key).cloned()) {
                 Some(b) => wire::JwksSource::Inline(String::from_utf8_lossy(&b).into_owned()),
                 None => {
                     missing.push(format!(
@@ -284,7 +296,7 @@ fn compile_policy(
     let mut api_keys = Vec::new();
     for k in &authn.api_keys {
         let id = format!("{pk}/{}", k.name);
-        let Some(data) = secret_value(&inputs.secrets, ns, &k.secret_ref.name) else {
+        let Some(data) = secret_value(inputs.secrets, ns, &k.secret_ref.name) else {
             missing.push(format!(
                 "Secret {ns}/{} (authentication.apiKeys {})",
                 k.secret_ref.name, k.name
@@ -323,10 +335,7 @@ fn compile_policy(
             })
             .collect();
         if let Some(r) = &a.openapi_ref {
-            let cm = inputs.config_maps.iter().find(|c| {
-                c.metadata.namespace.as_deref() == Some(ns)
-                    && c.metadata.name.as_deref() == Some(r.config_map_ref.name.as_str())
-            });
+            let cm = inputs.config_maps.get(&key(ns, &r.config_map_ref.name));
             match cm
                 .and_then(|c| c.data.as_ref())
                 .and_then(|d| d.get(&r.config_map_ref.key))
@@ -386,7 +395,7 @@ fn compile_policy(
         reason: crds::conditions::reasons::RESOLVED_REFS,
         message: "all references resolved".into(),
     });
-    let td = &inputs.trust_domain;
+    let td = trust_domain;
     let rules = p
         .spec
         .rules
@@ -623,46 +632,419 @@ fn merge_port(port: u16, parts: &[&Compiled]) -> Result<wire::PortPolicy, String
     Ok(p)
 }
 
-/// Compiles everything. Deterministic: inputs are sorted before use.
+/// Compiles everything at once. Deterministic: the same inputs give the same configs and
+/// versions, whatever their order.
 pub fn compile(inputs: &Inputs) -> Output {
-    let mut out = Output::default();
-    let mut policies: Vec<&ApiPolicy> = inputs.policies.iter().collect();
-    policies.sort_by_key(|p| policy_key(p));
-    let mut compiled: Vec<(Compiled, &ApiPolicy)> = Vec::new();
-    for p in policies {
-        let mut conds = Vec::new();
-        let c = compile_policy(p, inputs, &mut conds);
-        out.policies.insert(
-            policy_key(p),
-            PolicyResult {
-                conditions: conds,
-                pods: Vec::new(),
-            },
-        );
-        if let Some(c) = c {
-            compiled.push((c, p));
+    let c = Compiler::from_inputs(inputs);
+    Output {
+        configs: c.configs.clone(),
+        policies: c.policy_results(),
+    }
+}
+
+/// Pods whose config changed (or was removed) after an update, `namespace/name`, sorted.
+pub type Changed = Vec<String>;
+
+/// The incremental compiler: holds the facts and the compiled results, and after each
+/// change recompiles only the pods that change can affect. Pure: no I/O, no clock.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    trust_domain: String,
+    policies: BTreeMap<String, ApiPolicy>,
+    policies_by_ns: BTreeMap<String, BTreeSet<String>>,
+    compiled: BTreeMap<String, Option<Compiled>>,
+    conditions: BTreeMap<String, Vec<PolicyCondition>>,
+    conflicts: BTreeMap<String, String>,
+    selected: BTreeMap<String, BTreeSet<String>>,
+    workloads: BTreeMap<String, Workload>,
+    pods_by_ns: HashMap<String, BTreeSet<String>>,
+    pods_by_label: HashMap<(String, String, String), BTreeSet<String>>,
+    pod_policies: HashMap<String, BTreeSet<String>>,
+    secrets: BTreeMap<String, Secret>,
+    config_maps: BTreeMap<String, ConfigMap>,
+    configs: BTreeMap<String, SidecarConfig>,
+}
+
+fn meta_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    key(
+        m.namespace.as_deref().unwrap_or("default"),
+        m.name.as_deref().unwrap_or(""),
+    )
+}
+
+impl Compiler {
+    /// An empty compiler for a trust domain.
+    pub fn new(trust_domain: &str) -> Self {
+        Self {
+            trust_domain: trust_domain.to_owned(),
+            ..Default::default()
         }
     }
-    let mut workloads: Vec<&Workload> = inputs.workloads.iter().collect();
-    workloads.sort_by_key(|w| key(&w.namespace, &w.name));
-    let mut rejected: BTreeMap<String, String> = BTreeMap::new();
-    let mut drafts: Vec<(String, SidecarConfig)> = Vec::new();
-    for w in workloads {
-        let wk = key(&w.namespace, &w.name);
-        let selecting: Vec<&Compiled> = compiled
-            .iter()
-            .filter(|(c, p)| {
-                p.metadata.namespace.as_deref() == Some(w.namespace.as_str())
-                    && selects(&p.spec.target_ref.selector, &w.labels)
-                    && !rejected.contains_key(&c.key)
+
+    /// Loads everything, then compiles every pod once.
+    pub fn from_inputs(inputs: &Inputs) -> Self {
+        let mut c = Self::new(&inputs.trust_domain);
+        for s in &inputs.secrets {
+            c.secrets.insert(meta_key(&s.metadata), s.clone());
+        }
+        for m in &inputs.config_maps {
+            c.config_maps.insert(meta_key(&m.metadata), m.clone());
+        }
+        for w in &inputs.workloads {
+            c.index_workload(w.clone());
+        }
+        let mut keys = Vec::new();
+        for p in &inputs.policies {
+            let pk = policy_key(p);
+            c.policies_by_ns
+                .entry(
+                    p.metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "default".into()),
+                )
+                .or_default()
+                .insert(pk.clone());
+            c.policies.insert(pk.clone(), p.clone());
+            keys.push(pk);
+        }
+        for pk in &keys {
+            c.recompile_policy(pk);
+        }
+        let pods: Vec<String> = c.workloads.keys().cloned().collect();
+        c.rebuild(pods.into_iter().collect());
+        c
+    }
+
+    /// The current config of every pod that has one.
+    pub fn configs(&self) -> &BTreeMap<String, SidecarConfig> {
+        &self.configs
+    }
+
+    /// Conditions and selected pods of every policy.
+    pub fn policy_results(&self) -> BTreeMap<String, PolicyResult> {
+        self.policies
+            .keys()
+            .map(|pk| {
+                let mut conditions = self.conditions.get(pk).cloned().unwrap_or_default();
+                if let Some(msg) = self.conflicts.get(pk) {
+                    conditions.push(PolicyCondition {
+                        type_: crds::conditions::ACCEPTED,
+                        status: false,
+                        reason: crds::conditions::reasons::CONFLICTED,
+                        message: msg.clone(),
+                    });
+                } else if conditions.iter().all(|c| c.status) {
+                    conditions.insert(
+                        0,
+                        PolicyCondition {
+                            type_: crds::conditions::ACCEPTED,
+                            status: true,
+                            reason: crds::conditions::reasons::ACCEPTED,
+                            message: "the policy is valid".into(),
+                        },
+                    );
+                }
+                let pods = self
+                    .selected
+                    .get(pk)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default();
+                (pk.clone(), PolicyResult { conditions, pods })
             })
-            .map(|(c, _)| c)
-            .collect();
-        for c in &selecting {
-            if let Some(r) = out.policies.get_mut(&c.key) {
-                r.pods.push(wk.clone());
+            .collect()
+    }
+
+    /// Adds or replaces a policy.
+    pub fn upsert_policy(&mut self, p: ApiPolicy) -> Changed {
+        let pk = policy_key(&p);
+        if self
+            .policies
+            .get(&pk)
+            .is_some_and(|old| old.spec == p.spec && old.metadata.labels == p.metadata.labels)
+        {
+            return Vec::new();
+        }
+        self.policies_by_ns
+            .entry(
+                p.metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+            )
+            .or_default()
+            .insert(pk.clone());
+        self.policies.insert(pk.clone(), p);
+        self.conflicts.remove(&pk);
+        let mut affected = self.selected.get(&pk).cloned().unwrap_or_default();
+        affected.extend(self.recompile_policy(&pk));
+        self.rebuild(affected)
+    }
+
+    /// Removes a policy.
+    pub fn remove_policy(&mut self, namespace: &str, name: &str) -> Changed {
+        let pk = key(namespace, name);
+        let Some(_) = self.policies.remove(&pk) else {
+            return Vec::new();
+        };
+        if let Some(s) = self.policies_by_ns.get_mut(namespace) {
+            s.remove(&pk);
+        }
+        self.compiled.remove(&pk);
+        self.conditions.remove(&pk);
+        self.conflicts.remove(&pk);
+        let affected = self.selected.remove(&pk).unwrap_or_default();
+        for pod in &affected {
+            if let Some(s) = self.pod_policies.get_mut(pod) {
+                s.remove(&pk);
             }
         }
+        self.rebuild(affected)
+    }
+
+    /// Adds or replaces a pod.
+    pub fn upsert_workload(&mut self, w: Workload) -> Changed {
+        let wk = key(&w.namespace, &w.name);
+        if self.workloads.get(&wk) == Some(&w) {
+            return Vec::new();
+        }
+        self.unindex_workload(&wk);
+        self.index_workload(w.clone());
+        let mut selecting = BTreeSet::new();
+        for pk in self.policies_by_ns.get(&w.namespace).into_iter().flatten() {
+            if self.compiled.get(pk).is_some_and(Option::is_some)
+                && selects(&self.policies[pk].spec.target_ref.selector, &w.labels)
+            {
+                selecting.insert(pk.clone());
+            }
+        }
+        for pk in &selecting {
+            self.selected
+                .entry(pk.clone())
+                .or_default()
+                .insert(wk.clone());
+        }
+        self.pod_policies.insert(wk.clone(), selecting);
+        self.rebuild([wk].into())
+    }
+
+    /// Removes a pod.
+    pub fn remove_workload(&mut self, namespace: &str, name: &str) -> Changed {
+        let wk = key(namespace, name);
+        if !self.workloads.contains_key(&wk) {
+            return Vec::new();
+        }
+        self.unindex_workload(&wk);
+        for pk in self.pod_policies.remove(&wk).unwrap_or_default() {
+            if let Some(s) = self.selected.get_mut(&pk) {
+                s.remove(&wk);
+            }
+        }
+        self.configs.remove(&wk);
+        vec![wk]
+    }
+
+    /// Adds or replaces a Secret; recompiles the policies of its namespace that use it.
+    pub fn upsert_secret(&mut self, s: Secret) -> Changed {
+        let k = meta_key(&s.metadata);
+        if self.secrets.get(&k) == Some(&s) {
+            return Vec::new();
+        }
+        let (ns, name) = (
+            s.metadata.namespace.clone().unwrap_or_default(),
+            s.metadata.name.clone().unwrap_or_default(),
+        );
+        self.secrets.insert(k, s);
+        self.refs_changed(&ns, |p| references_secret(p, &name))
+    }
+
+    /// Adds or replaces a ConfigMap; recompiles the policies of its namespace that use it.
+    pub fn upsert_config_map(&mut self, m: ConfigMap) -> Changed {
+        let k = meta_key(&m.metadata);
+        if self.config_maps.get(&k) == Some(&m) {
+            return Vec::new();
+        }
+        let (ns, name) = (
+            m.metadata.namespace.clone().unwrap_or_default(),
+            m.metadata.name.clone().unwrap_or_default(),
+        );
+        self.config_maps.insert(k, m);
+        self.refs_changed(&ns, |p| {
+            p.spec
+                .api
+                .as_ref()
+                .and_then(|a| a.openapi_ref.as_ref())
+                .is_some_and(|r| r.config_map_ref.name == name)
+        })
+    }
+
+    fn refs_changed(&mut self, ns: &str, uses: impl Fn(&ApiPolicy) -> bool) -> Changed {
+        let users: Vec<String> = self
+            .policies_by_ns
+            .get(ns)
+            .into_iter()
+            .flatten()
+            .filter(|pk| uses(&self.policies[*pk]))
+            .cloned()
+            .collect();
+        let mut affected = BTreeSet::new();
+        for pk in users {
+            affected.extend(self.selected.get(&pk).cloned().unwrap_or_default());
+            affected.extend(self.recompile_policy(&pk));
+        }
+        self.rebuild(affected)
+    }
+
+    fn index_workload(&mut self, w: Workload) {
+        let wk = key(&w.namespace, &w.name);
+        self.pods_by_ns
+            .entry(w.namespace.clone())
+            .or_default()
+            .insert(wk.clone());
+        for (k, v) in &w.labels {
+            self.pods_by_label
+                .entry((w.namespace.clone(), k.clone(), v.clone()))
+                .or_default()
+                .insert(wk.clone());
+        }
+        self.workloads.insert(wk, w);
+    }
+
+    fn unindex_workload(&mut self, wk: &str) {
+        let Some(w) = self.workloads.remove(wk) else {
+            return;
+        };
+        if let Some(s) = self.pods_by_ns.get_mut(&w.namespace) {
+            s.remove(wk);
+        }
+        for (k, v) in &w.labels {
+            if let Some(s) =
+                self.pods_by_label
+                    .get_mut(&(w.namespace.clone(), k.clone(), v.clone()))
+            {
+                s.remove(wk);
+            }
+        }
+    }
+
+    /// Pods a policy selects, using the label index when it has matchLabels.
+    fn select(&self, p: &ApiPolicy) -> BTreeSet<String> {
+        let ns = p
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let sel = &p.spec.target_ref.selector;
+        let empty = BTreeSet::new();
+        let candidates = sel
+            .match_labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| {
+                self.pods_by_label
+                    .get(&(ns.clone(), k.clone(), v.clone()))
+                    .unwrap_or(&empty)
+            })
+            .min_by_key(|s| s.len())
+            .unwrap_or_else(|| self.pods_by_ns.get(&ns).unwrap_or(&empty));
+        candidates
+            .iter()
+            .filter(|wk| selects(sel, &self.workloads[*wk].labels))
+            .cloned()
+            .collect()
+    }
+
+    /// Recompiles one policy and its selection; returns the pods it selects now.
+    fn recompile_policy(&mut self, pk: &str) -> BTreeSet<String> {
+        let p = &self.policies[pk];
+        let mut conds = Vec::new();
+        let refs = Refs {
+            secrets: &self.secrets,
+            config_maps: &self.config_maps,
+        };
+        let compiled = compile_policy(p, &refs, &self.trust_domain, &mut conds);
+        if compiled.is_none() && self.compiled.get(pk).is_some_and(Option::is_some) {
+            // Nothing is half-applied: an update that cannot be used leaves the last good
+            // version in force (its conditions say why), rather than dropping the policy
+            // and with it the pods' default deny.
+            self.conditions.insert(pk.to_owned(), conds);
+            return self.selected.get(pk).cloned().unwrap_or_default();
+        }
+        let now = if compiled.is_some() {
+            self.select(p)
+        } else {
+            BTreeSet::new()
+        };
+        let before = self
+            .selected
+            .insert(pk.to_owned(), now.clone())
+            .unwrap_or_default();
+        for pod in before.difference(&now) {
+            if let Some(s) = self.pod_policies.get_mut(pod) {
+                s.remove(pk);
+            }
+        }
+        for pod in &now {
+            self.pod_policies
+                .entry(pod.clone())
+                .or_default()
+                .insert(pk.to_owned());
+        }
+        self.compiled.insert(pk.to_owned(), compiled);
+        self.conditions.insert(pk.to_owned(), conds);
+        now
+    }
+
+    /// Rebuilds the given pods' configs; returns those whose config changed. A policy
+    /// that conflicts with another on some pod is excluded from every pod (never half-applied).
+    fn rebuild(&mut self, mut pods: BTreeSet<String>) -> Changed {
+        let mut changed = BTreeSet::new();
+        // Policies conflicted on these pods get another chance: their partner may have changed.
+        let retry: Vec<String> = pods
+            .iter()
+            .flat_map(|p| self.pod_policies.get(p).into_iter().flatten())
+            .filter(|pk| self.conflicts.contains_key(*pk))
+            .cloned()
+            .collect();
+        for pk in retry {
+            self.conflicts.remove(&pk);
+            pods.extend(self.selected.get(&pk).cloned().unwrap_or_default());
+        }
+        while let Some(wk) = pods.pop_first() {
+            match self.build_pod(&wk) {
+                Ok(Some(cfg)) => {
+                    if self.configs.get(&wk).map(|c| &c.version) != Some(&cfg.version) {
+                        changed.insert(wk.clone());
+                    }
+                    self.configs.insert(wk, cfg);
+                }
+                Ok(None) => {
+                    if self.configs.remove(&wk).is_some() {
+                        changed.insert(wk);
+                    }
+                }
+                Err((pk, msg)) => {
+                    self.conflicts.insert(pk.clone(), msg);
+                    pods.insert(wk);
+                    pods.extend(self.selected.get(&pk).cloned().unwrap_or_default());
+                }
+            }
+        }
+        changed.into_iter().collect()
+    }
+
+    fn build_pod(&self, wk: &str) -> Result<Option<SidecarConfig>, (String, String)> {
+        let Some(w) = self.workloads.get(wk) else {
+            return Ok(None);
+        };
+        let selecting: Vec<&Compiled> = self
+            .pod_policies
+            .get(wk)
+            .into_iter()
+            .flatten()
+            .filter(|pk| !self.conflicts.contains_key(*pk))
+            .filter_map(|pk| self.compiled.get(pk).and_then(Option::as_ref))
+            .collect();
         let mut ports: BTreeSet<u16> = w.ports.iter().copied().collect();
         for c in &selecting {
             ports.extend(c.ports.iter().copied());
@@ -680,9 +1062,8 @@ pub fn compile(inputs: &Inputs) -> Output {
             match merge_port(port, &parts) {
                 Ok(pp) => port_policies.push(pp),
                 Err(msg) => {
-                    if let Some(last) = parts.last() {
-                        rejected.insert(last.key.clone(), msg);
-                    }
+                    let last = parts.last().map(|c| c.key.clone()).unwrap_or_default();
+                    return Err((last, msg));
                 }
             }
         }
@@ -714,7 +1095,7 @@ pub fn compile(inputs: &Inputs) -> Output {
                 name: w.name.clone(),
                 service_account: w.service_account.clone(),
             },
-            trust_domain: inputs.trust_domain.clone(),
+            trust_domain: self.trust_domain.clone(),
             default_mtls: wire::MtlsMode::Strict,
             ports: port_policies,
             jwt_providers,
@@ -722,48 +1103,17 @@ pub fn compile(inputs: &Inputs) -> Output {
             egress,
         };
         cfg.version = version_of(&cfg);
-        drafts.push((wk, cfg));
+        Ok(Some(cfg))
     }
-    for (pk, msg) in &rejected {
-        if let Some(r) = out.policies.get_mut(pk) {
-            r.conditions.push(PolicyCondition {
-                type_: crds::conditions::ACCEPTED,
-                status: false,
-                reason: crds::conditions::reasons::CONFLICTED,
-                message: msg.clone(),
-            });
-        }
-    }
-    if !rejected.is_empty() {
-        // Recompile without the conflicting policies so nothing is half-applied.
-        let mut again = inputs.clone();
-        again
-            .policies
-            .retain(|p| !rejected.contains_key(&policy_key(p)));
-        let second = compile(&again);
-        out.configs = second.configs;
-        for (k, r) in second.policies {
-            if !rejected.contains_key(&k) {
-                out.policies.insert(k, r);
-            }
-        }
-        return out;
-    }
-    for r in out.policies.values_mut() {
-        if !r.conditions.iter().any(|c| !c.status) {
-            r.conditions.insert(
-                0,
-                PolicyCondition {
-                    type_: crds::conditions::ACCEPTED,
-                    status: true,
-                    reason: crds::conditions::reasons::ACCEPTED,
-                    message: "the policy is valid".into(),
-                },
-            );
-        }
-    }
-    out.configs = drafts.into_iter().collect();
-    out
+}
+
+fn references_secret(p: &ApiPolicy, name: &str) -> bool {
+    p.spec.authentication.as_ref().is_some_and(|a| {
+        a.api_keys.iter().any(|k| k.secret_ref.name == name)
+            || a.jwt
+                .iter()
+                .any(|j| j.jwks_secret_ref.as_ref().is_some_and(|r| r.name == name))
+    })
 }
 
 /// Content hash of a config (its `version` field excluded).
@@ -773,3 +1123,6 @@ pub fn version_of(cfg: &SidecarConfig) -> String {
     let bytes = serde_json::to_vec(&c).expect("configs always serialize");
     hex(&Sha256::digest(&bytes)[..8])
 }
+
+#[cfg(test)]
+mod tests;
