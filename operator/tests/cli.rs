@@ -66,6 +66,25 @@ fn a_failing_policy_test_fails_the_check() {
 }
 
 #[test]
+fn strict_fails_on_lint_warnings() {
+    let o = apiward(&["check", "examples"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        out.contains("warning[AW001] ApiPolicy shop/catalog spec.mtls"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning[AW002] ApiPolicy shop/catalog spec.mode"),
+        "{out}"
+    );
+    assert_eq!(
+        apiward(&["check", "--strict", "examples"]).status.code(),
+        Some(1)
+    );
+}
+
+#[test]
 fn usage_errors_exit_2() {
     assert_eq!(apiward(&["check", "no/such/dir"]).status.code(), Some(2));
     assert_eq!(apiward(&["check"]).status.code(), Some(2));

@@ -33,6 +33,25 @@ pub(super) fn run(args: &CheckArgs) -> ExitCode {
         .filter(|o| matches!(o.object, Object::Policy(_)))
         .count();
     let mut findings = input.findings.clone();
+    for o in &input.objects {
+        if let Object::Policy(p) = &o.object {
+            let name = format!(
+                "ApiPolicy {}/{}",
+                p.metadata.namespace.as_deref().unwrap_or("default"),
+                p.metadata.name.as_deref().unwrap_or("")
+            );
+            for l in crate::compile::lint::lint(p) {
+                findings.push(Finding {
+                    severity: Severity::Warning,
+                    origin: o.origin.clone(),
+                    object: Some(name.clone()),
+                    field: Some(l.field),
+                    code: l.code.into(),
+                    message: format!("{} (fix: {})", l.message, l.fix),
+                });
+            }
+        }
+    }
     let (tests, tests_failed) = run_tests(&input, &mut findings);
     findings.sort();
     let errors = findings

@@ -85,6 +85,8 @@ pub struct PolicyResult {
     pub conditions: Vec<PolicyCondition>,
     /// Pods it selects (`namespace/name`).
     pub pods: Vec<String>,
+    /// Lint findings, one line each (`AW001 spec.mtls: …`).
+    pub warnings: Vec<String>,
 }
 
 /// Everything the compiler produces.
@@ -734,14 +736,33 @@ impl Compiler {
                         reason: crds::conditions::reasons::CONFLICTED,
                         message: msg.clone(),
                     });
-                } else if conditions.iter().all(|c| c.status) {
+                }
+                let warnings: Vec<String> = lint::lint(&self.policies[pk])
+                    .into_iter()
+                    .map(|l| format!("{} {}: {} (fix: {})", l.code, l.field, l.message, l.fix))
+                    .collect();
+                if !self.conflicts.contains_key(pk) && conditions.iter().all(|c| c.status) {
+                    let (reason, message) = if warnings.is_empty() {
+                        (
+                            crds::conditions::reasons::ACCEPTED,
+                            "the policy is valid".to_string(),
+                        )
+                    } else {
+                        (
+                            crds::conditions::reasons::ACCEPTED_WITH_WARNINGS,
+                            format!(
+                                "the policy is valid; {} warning(s) in status.warnings",
+                                warnings.len()
+                            ),
+                        )
+                    };
                     conditions.insert(
                         0,
                         PolicyCondition {
                             type_: crds::conditions::ACCEPTED,
                             status: true,
-                            reason: crds::conditions::reasons::ACCEPTED,
-                            message: "the policy is valid".into(),
+                            reason,
+                            message,
                         },
                     );
                 }
@@ -750,7 +771,14 @@ impl Compiler {
                     .get(pk)
                     .map(|s| s.iter().cloned().collect())
                     .unwrap_or_default();
-                (pk.clone(), PolicyResult { conditions, pods })
+                (
+                    pk.clone(),
+                    PolicyResult {
+                        conditions,
+                        pods,
+                        warnings,
+                    },
+                )
             })
             .collect()
     }
@@ -1124,5 +1152,6 @@ pub fn version_of(cfg: &SidecarConfig) -> String {
     hex(&Sha256::digest(&bytes)[..8])
 }
 
+pub mod lint;
 #[cfg(test)]
 mod tests;
