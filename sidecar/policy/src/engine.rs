@@ -742,53 +742,67 @@ impl Engine {
             matched.clear();
         }
 
-        // Which rules match the operation.
+        // Which rules match the operation: only these are considered further, so the cost
+        // follows the number of candidate rules, not the size of the policy.
+        let tracing = trace.enabled();
         port.router.matches(&path, &mut matched);
-        let nrules = port.cfg.rules.len();
-        let mut to_match: Vec<Option<u32>> = vec![None; nrules]; // matched template (u32::MAX = any path)
+        let mut candidates: Vec<(u32, u32)> = Vec::new(); // (rule, template or u32::MAX = any path)
         for &t in &matched {
             for &(i, j) in &port.template_ops[t as usize] {
                 let op = &port.ops[i as usize][j as usize];
-                if to_match[i as usize].is_none()
-                    && method_ok(op, bit)
-                    && headers_ok(op, req.headers)
-                {
-                    to_match[i as usize] = Some(t);
+                if method_ok(op, bit) && headers_ok(op, req.headers) {
+                    candidates.push((i, t));
                 }
             }
         }
         for &(i, j) in &port.any_path_ops {
-            if to_match[i as usize].is_some() {
-                continue;
-            }
             if j == u16::MAX || {
                 let op = &port.ops[i as usize][j as usize];
                 method_ok(op, bit) && headers_ok(op, req.headers)
             } {
-                to_match[i as usize] = Some(u32::MAX);
+                candidates.push((i, u32::MAX));
+            }
+        }
+        // Rule order decides which Allow rule is reported; keep the first template per rule.
+        candidates.sort_unstable();
+        candidates.dedup_by_key(|c| c.0);
+        if tracing {
+            for (i, r) in port.cfg.rules.iter().enumerate() {
+                if candidates
+                    .binary_search_by_key(&(i as u32), |c| c.0)
+                    .is_err()
+                {
+                    trace.step(step(
+                        &r.policy,
+                        &r.name,
+                        false,
+                        format!(
+                            "{} rule: operation does not match ({} {})",
+                            action_name(r.action),
+                            req.method,
+                            path.as_str()
+                        ),
+                    ));
+                }
             }
         }
 
         // Deny rules first: any match refuses.
-        for (i, r) in port.cfg.rules.iter().enumerate() {
+        for &(i, _) in &candidates {
+            let (i, r) = (i as usize, &port.cfg.rules[i as usize]);
             if r.action != Action::Deny {
                 continue;
             }
-            let op = to_match[i].is_some();
-            let from = op && self.caller_matches(port, i, req);
-            if trace.enabled() {
+            let from = self.caller_matches(port, i, req);
+            if tracing {
                 trace.step(step(
                     &r.policy,
                     &r.name,
-                    op && from,
-                    format!(
-                        "Deny rule: operation {}, caller {}",
-                        yes(op),
-                        if op { yes(from) } else { "not checked" }
-                    ),
+                    from,
+                    format!("Deny rule: operation matches, caller {}", yes(from)),
                 ));
             }
-            if op && from {
+            if from {
                 d.rule = Some(RuleRef {
                     policy: &r.policy,
                     name: &r.name,
@@ -807,31 +821,17 @@ impl Engine {
         let mut allowed_by: Option<usize> = None;
         let mut bind_failure: Option<(usize, String)> = None;
         let mut needs_identity = false;
-        for (i, r) in port.cfg.rules.iter().enumerate() {
+        for &(i, t) in &candidates {
+            let (i, r) = (i as usize, &port.cfg.rules[i as usize]);
             if r.action != Action::Allow {
                 continue;
             }
-            let Some(t) = to_match[i] else {
-                if trace.enabled() {
-                    trace.step(step(
-                        &r.policy,
-                        &r.name,
-                        false,
-                        format!(
-                            "operation does not match ({} {})",
-                            req.method,
-                            path.as_str()
-                        ),
-                    ));
-                }
-                continue;
-            };
             if !self.caller_matches(port, i, req) {
                 needs_identity |= r
                     .from
                     .iter()
                     .all(|s| !s.unauthenticated && s.ip_blocks.is_empty());
-                if trace.enabled() {
+                if tracing {
                     trace.step(step(
                         &r.policy,
                         &r.name,
@@ -846,7 +846,7 @@ impl Engine {
             }
             match self.binding_failure(port, i, t, &path, req) {
                 Some(why) => {
-                    if trace.enabled() {
+                    if tracing {
                         trace.step(step(
                             &r.policy,
                             &r.name,
@@ -863,7 +863,7 @@ impl Engine {
                     }
                 }
                 None => {
-                    if trace.enabled() {
+                    if tracing {
                         trace.step(step(
                             &r.policy,
                             &r.name,
@@ -904,7 +904,7 @@ impl Engine {
                 } else {
                     Reason::NoMatchingRule
                 };
-                if trace.enabled() {
+                if tracing {
                     trace.step(step(
                         "",
                         "default",
@@ -1123,6 +1123,13 @@ impl Engine {
                 d.quota = Some(outcome);
             }
         }
+    }
+}
+
+fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Allow => "Allow",
+        Action::Deny => "Deny",
     }
 }
 
