@@ -1,0 +1,92 @@
+//! The admin listener (15020): `/live`, `/ready` (only with a valid config), `/metrics`
+//! (Prometheus text), `/config_dump` (the active settings and policy, secrets redacted).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+use crate::body::{ProxyBody, full};
+use crate::state::Shared;
+
+/// Serves the admin endpoints until the process ends.
+pub async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(req, &shared)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r
+}
+
+fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
+    let active = shared.active.load_full();
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "text/plain", "live\n".into()),
+        "/ready" => match active.as_deref() {
+            Some(a) if a.engine.is_some() => text(StatusCode::OK, "text/plain", format!("ready: config {}\n", a.version())),
+            _ => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: no valid config\n".into()),
+        },
+        "/metrics" => {
+            if let Some(a) = active.as_deref() {
+                for (id, v) in &a.jwt {
+                    shared
+                        .metrics
+                        .jwks_keys
+                        .get_or_create(&crate::metrics::ProviderLabels { provider: id.clone() })
+                        .set(v.key_count() as i64);
+                }
+            }
+            shared.metrics.quota_keys.set(shared.quotas.len() as i64);
+            text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", shared.metrics.encode())
+        }
+        "/config_dump" => {
+            let dump = active.as_deref().map_or(Value::Null, |a| {
+                let mut policy = serde_json::to_value(&a.config).unwrap_or(Value::Null);
+                redact(&mut policy);
+                serde_json::json!({
+                    "version": a.version(),
+                    "inbound": {"listen": a.settings.inbound.listen.to_string(), "port": a.settings.inbound.port, "upstream": a.settings.inbound.upstream().to_string()},
+                    "policy": policy,
+                })
+            });
+            text(StatusCode::OK, "application/json", serde_json::to_string_pretty(&dump).unwrap_or_default())
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Replaces secret material (API-key hashes and HMAC keys) with a marker.
+pub fn redact(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m.iter_mut() {
+                if k == "hmacKey" || k == "hash" || k == "password" {
+                    *val = Value::String("<redacted>".into());
+                } else {
+                    redact(val);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(redact),
+        _ => {}
+    }
+}

@@ -1,0 +1,91 @@
+//! apiward-sidecar — the data plane.
+//!
+//! Stage: between callers and one app. In: connections on the inbound port and a config
+//! (a settings file in standalone mode; pushed by the operator later). Out: requests the
+//! policy allows, forwarded to the app on loopback; refusals with a reason; metrics and a
+//! JSON decision log. Configs swap atomically; a bad one is refused and the last good one
+//! keeps serving; with none, every request is refused (fail closed).
+//!
+//! - [`settings`]: the settings file. [`state`]: the active config and shared state.
+//! - [`proxy`]: listener, TLS by mode, the request pipeline, forwarding, response filter.
+//! - [`authn`]: JWT/JWKS and API keys. [`tls`]: rustls configs and SPIFFE IDs.
+//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config_dump`. [`metrics`]: the registry.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod authn;
+pub mod body;
+pub mod metrics;
+pub mod proxy;
+pub mod settings;
+pub mod state;
+pub mod tls;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A running sidecar's addresses (useful when binding port 0 in tests).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// Inbound listener.
+    pub inbound: std::net::SocketAddr,
+    /// Admin listener.
+    pub admin: std::net::SocketAddr,
+}
+
+/// Loads the settings file, binds the listeners and starts serving in the background.
+/// Fails (with a message naming the file and field) if the first load fails.
+pub async fn start(config: &Path) -> anyhow::Result<(Arc<state::Shared>, Bound)> {
+    let first = settings::Settings::load(config)?;
+    let jwks_client = tls::client_config(first.jwks_ca_file.as_deref())?;
+    let shared = Arc::new(state::Shared::new(config, jwks_client));
+    let version = shared.reload().map_err(|e| anyhow::anyhow!(e))?;
+    let timeouts = first.timeouts().map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?;
+    let inbound = tokio::net::TcpListener::bind(first.inbound.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", first.inbound.listen))?;
+    let admin = tokio::net::TcpListener::bind(first.admin.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", first.admin.listen))?;
+    let bound = Bound { inbound: inbound.local_addr()?, admin: admin.local_addr()? };
+    tracing::info!(config = %config.display(), version, inbound = %bound.inbound, admin = %bound.admin, upstream = %first.inbound.upstream(), "apiward-sidecar serving");
+    let upstream = proxy::Upstream::new(timeouts.upstream_idle);
+    tokio::spawn(proxy::serve_inbound(inbound, shared.clone(), upstream));
+    tokio::spawn(admin::serve_admin(admin, shared.clone()));
+    tokio::spawn(watch(shared.clone(), config.to_owned()));
+    Ok((shared, bound))
+}
+
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Reloads on SIGHUP and when the file changes (checked every 500 ms).
+async fn watch(shared: Arc<state::Shared>, path: PathBuf) {
+    let mut last = modified(&path);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let signalled = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let by_signal = tokio::select! {
+            _ = signalled => true,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => false,
+        };
+        let now = modified(&path);
+        if !by_signal && now == last {
+            continue;
+        }
+        last = now;
+        match shared.reload() {
+            Ok(v) => tracing::info!(version = v, "config reloaded"),
+            Err(e) => tracing::error!(error = %e, "config refused; the previous config keeps serving"),
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! `apiward-sidecar` — see the library docs.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// apiward's sidecar: enforces API policy in front of one app.
+#[derive(Debug, Parser)]
+#[command(name = "apiward-sidecar", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve: the inbound proxy and the admin endpoints.
+    Run {
+        /// Settings file (YAML or JSON) with the policy (standalone mode).
+        #[arg(long, env = "APIWARD_SIDECAR_CONFIG")]
+        config: PathBuf,
+        /// Worker threads (default: the CPUs this process may run on).
+        #[arg(long, env = "APIWARD_SIDECAR_THREADS")]
+        threads: Option<usize>,
+        /// Log format.
+        #[arg(long, env = "APIWARD_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+        log_format: String,
+        /// Log filter (tracing EnvFilter syntax).
+        #[arg(long, env = "APIWARD_LOG", default_value = "info")]
+        log: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let Command::Run { config, threads, log_format, log } = Cli::parse().command;
+    let filter = tracing_subscriber::EnvFilter::try_new(&log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if log_format == "json" {
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(false).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("apiward-sidecar: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        match apiward_sidecar::start(&config).await {
+            Ok(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                if let Some(t) = term.as_mut() {
+                    tokio::select! { _ = t.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("apiward-sidecar: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

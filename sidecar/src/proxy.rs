@@ -1,0 +1,800 @@
+//! The inbound proxy: accept → (m)TLS by mode → HTTP/1.1 or HTTP/2 → the request pipeline
+//! → the app on loopback → the response filter → record.
+//!
+//! Pipeline, one function per concern: [`authenticate`] → decide (engine: authorization,
+//! declared API, quotas) → [`request_checks`] → forward → [`filter_response`] → [`record`].
+//! Every request reads the config that is active when it arrives.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use apiward_policy::config::{MtlsMode, PortPolicy};
+use apiward_policy::engine::{ApiKeyIdentity, Decision, Headers, Identity, JwtIdentity, NoTrace, Request as Facts};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::{Map, Value};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::authn::AuthnError;
+use crate::body::{LimitedBody, ProxyBody, full, json_depth, remove_pointer};
+use crate::state::{Active, Shared};
+
+/// What is known about a connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The verified mTLS peer identity.
+    pub peer: Option<Arc<str>>,
+    /// The caller's address.
+    pub source: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// Pooled clients to the app: HTTP/1.1, and HTTP/2 (prior knowledge) for gRPC.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    http1: Client<HttpConnector, ProxyBody>,
+    http2: Client<HttpConnector, ProxyBody>,
+}
+
+impl Upstream {
+    /// Clients with keep-alive pools.
+    pub fn new(idle: Duration) -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        conn.enforce_http(true);
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(idle)
+            .pool_max_idle_per_host(1024)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(conn.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(conn);
+        Self { http1, http2 }
+    }
+}
+
+/// Accepts inbound connections until the process ends.
+pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, upstream: Upstream) {
+    let max = shared.active.load().as_ref().map_or(20_000, |a| a.settings.limits.max_connections);
+    let permits = Arc::new(tokio::sync::Semaphore::new(max));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let (tcp, source) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            shared.metrics.connections.inc();
+            handle_connection(tcp, source, &shared, upstream).await;
+            shared.metrics.connections.dec();
+        });
+    }
+}
+
+async fn handle_connection(tcp: TcpStream, source: SocketAddr, shared: &Arc<Shared>, upstream: Upstream) {
+    let _ = tcp.set_nodelay(true);
+    let Some(active) = shared.active.load_full() else {
+        shared.metrics.handshake_failures.get_or_create(&crate::metrics::ReasonLabels { reason: "no_config" }).inc();
+        return; // fail closed
+    };
+    let mode = active.engine.as_ref().map_or(MtlsMode::Strict, |e| e.mtls(active.settings.inbound.port));
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(active.timeouts.handshake, tcp.peek(&mut first)).await;
+    if !matches!(peeked, Ok(Ok(1))) {
+        return;
+    }
+    let fail = |reason: &'static str| {
+        shared.metrics.handshake_failures.get_or_create(&crate::metrics::ReasonLabels { reason }).inc();
+    };
+    let is_tls = first[0] == 0x16;
+    match (is_tls, mode, &active.tls) {
+        (false, MtlsMode::Strict, _) => fail("plaintext_refused"),
+        (true, MtlsMode::Disabled, _) | (true, _, None) => fail("tls_not_configured"),
+        (true, _, Some(cfg)) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+            let stream = match tokio::time::timeout(active.timeouts.handshake, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%source, error = %e, "TLS handshake failed");
+                    return fail("handshake_failed");
+                }
+                Err(_) => return fail("handshake_timeout"),
+            };
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(crate::tls::spiffe_id)
+                .map(Arc::from);
+            drop(active);
+            serve_http(stream, ConnInfo { peer, source, tls: true }, shared, upstream).await;
+        }
+        (false, _, _) => {
+            drop(active);
+            serve_http(tcp, ConnInfo { peer: None, source, tls: false }, shared, upstream).await;
+        }
+    }
+}
+
+async fn serve_http<IO>(io: IO, info: ConnInfo, shared: &Arc<Shared>, upstream: Upstream)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (header_timeout, streams, max_header) = shared.active.load().as_ref().map_or((Duration::from_secs(10), 256, 65536), |a| {
+        (a.timeouts.header_read, a.settings.limits.max_concurrent_streams, a.settings.limits.max_header_bytes)
+    });
+    let info = Arc::new(info);
+    let shared2 = shared.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let (info, shared, upstream) = (info.clone(), shared2.clone(), upstream.clone());
+        async move { Ok::<_, Infallible>(handle(req, &info, &shared, &upstream).await) }
+    });
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(max_header.max(8192) + 8192);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(streams)
+        .max_header_list_size(max_header as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    if let Err(e) = b.serve_connection_with_upgrades(TokioIo::new(io), svc).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+struct HeaderView<'a>(&'a HeaderMap);
+
+impl Headers for HeaderView<'_> {
+    fn get_one(&self, name: &str) -> Option<&str> {
+        let mut it = self.0.get_all(name).iter();
+        match (it.next(), it.next()) {
+            (Some(v), None) => v.to_str().ok(),
+            _ => None,
+        }
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn request_id(headers: &HeaderMap, shared: &Shared) -> String {
+    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+            return id.to_owned();
+        }
+    }
+    let n = shared.counter.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}-{n:x}", std::process::id())
+}
+
+/// Who the caller is: the mTLS peer plus a verified JWT and/or API key.
+#[derive(Debug, Default)]
+pub struct Caller {
+    /// Provider id and claims of a verified JWT.
+    pub jwt: Option<(String, Arc<Map<String, Value>>)>,
+    /// Provider id and client of a valid API key.
+    pub api_key: Option<(String, String)>,
+}
+
+/// Authenticates the credentials the port accepts. A credential that is presented but
+/// invalid is an error (401), never silently ignored.
+pub async fn authenticate(active: &Active, port: &PortPolicy, headers: &HeaderMap, query: Option<&str>) -> Result<Caller, AuthnError> {
+    let mut caller = Caller::default();
+    let now = now_ms() / 1000;
+    // JWT: the provider whose issuer matches the token.
+    let mut token_seen = false;
+    for id in &port.jwt_providers {
+        let Some(v) = active.jwt.get(id) else { continue };
+        let Some(raw) = headers.get(v.provider.token_header.as_str()).and_then(|h| h.to_str().ok()) else { continue };
+        let token = if v.provider.token_header == "authorization" {
+            match raw.split_once(' ') {
+                Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
+                _ => continue,
+            }
+        } else {
+            raw.trim()
+        };
+        token_seen = true;
+        if crate::authn::unverified_issuer(token).as_deref() != Some(v.provider.issuer.as_str()) {
+            continue;
+        }
+        let claims = v.verify(token, now).await?;
+        caller.jwt = Some((id.clone(), claims));
+        break;
+    }
+    if token_seen && caller.jwt.is_none() {
+        return Err(AuthnError::UnknownIssuer);
+    }
+    // API keys.
+    for id in &port.api_key_providers {
+        let Some(set) = active.api_keys.get(id) else { continue };
+        let presented = match (&set.provider.header, &set.provider.query) {
+            (Some(h), _) if headers.contains_key(h.as_str()) => headers.get(h.as_str()).and_then(|v| v.to_str().ok()).map(str::to_owned),
+            (_, Some(q)) => query.and_then(|qs| qs.split('&').find_map(|kv| kv.strip_prefix(q.as_str()).and_then(|r| r.strip_prefix('=')))).map(str::to_owned),
+            _ => None,
+        };
+        let Some(presented) = presented else { continue };
+        match set.client_of(&presented) {
+            Some(client) => {
+                caller.api_key = Some((id.clone(), client.to_owned()));
+                break;
+            }
+            None => return Err(AuthnError::InvalidApiKey),
+        }
+    }
+    Ok(caller)
+}
+
+/// A refusal: status, a small JSON body with a reason code and the request id, and the
+/// headers a client needs (`WWW-Authenticate`, `Retry-After`). No internal detail.
+pub fn refusal(status: StatusCode, code: &str, request_id: &str) -> Response<ProxyBody> {
+    let message = match status.as_u16() {
+        400 => "the request is malformed or ambiguous",
+        401 => "authentication is required",
+        403 => "the caller is not allowed to perform this request",
+        404 => "no such endpoint",
+        405 => "method not allowed",
+        410 => "this endpoint has been retired",
+        413 => "the request body is too large",
+        415 => "unsupported content type",
+        429 => "too many requests",
+        431 => "request headers too large",
+        502 => "the upstream response could not be processed",
+        503 => "the service is not ready",
+        504 => "the upstream did not answer in time",
+        _ => "the request was refused",
+    };
+    let body = serde_json::json!({"error": {"code": code, "status": status.as_u16(), "message": message, "requestId": request_id}});
+    let mut r = Response::new(full(body.to_string()));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        let v = if code.starts_with("token_") {
+            format!("Bearer error=\"invalid_token\", error_description=\"{code}\"")
+        } else if code.starts_with("api_key") {
+            "ApiKey".to_string()
+        } else {
+            "Bearer".to_string()
+        };
+        h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("Bearer")));
+    }
+    r
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    if !keep_upgrade {
+        h.remove(header::UPGRADE);
+    }
+}
+
+fn principal(info: &ConnInfo, caller: &Caller) -> Option<String> {
+    if let Some((p, c)) = &caller.api_key {
+        return Some(format!("apikey:{p}#{c}"));
+    }
+    if let Some((p, claims)) = &caller.jwt {
+        let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("");
+        return Some(format!("jwt:{p}|{sub}"));
+    }
+    info.peer.as_deref().map(str::to_owned)
+}
+
+fn decision_label(d: &Decision<'_>) -> &'static str {
+    match (d.allowed, d.would_deny) {
+        (false, _) => "deny",
+        (true, true) => "would_deny",
+        (true, false) => "allow",
+    }
+}
+
+/// One request through the whole pipeline.
+pub async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: &Arc<Shared>, upstream: &Upstream) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let rid = request_id(req.headers(), shared);
+    let Some(active) = shared.active.load_full() else {
+        return refusal(StatusCode::SERVICE_UNAVAILABLE, "no_config", &rid);
+    };
+    let Some(engine) = active.engine.as_ref() else {
+        record_simple(shared, "deny", "no_config", 503);
+        return refusal(StatusCode::SERVICE_UNAVAILABLE, "no_config", &rid);
+    };
+    let port_no = active.settings.inbound.port;
+    let port = engine.port(port_no);
+    // A reload may have made this connection's kind unacceptable.
+    let mode = engine.mtls(port_no);
+    if (mode == MtlsMode::Strict && info.peer.is_none()) || (mode == MtlsMode::Disabled && info.tls) {
+        let mut r = refusal(StatusCode::FORBIDDEN, "mtls_required", &rid);
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        record_simple(shared, "deny", "mtls_required", 403);
+        return r;
+    }
+    let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    let max_header = port.and_then(|p| p.limits.max_header_bytes).map_or(active.settings.limits.max_header_bytes, |m| m as usize);
+    if header_bytes > max_header {
+        record_simple(shared, "deny", "headers_too_large", 431);
+        return refusal(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", &rid);
+    }
+
+    // 1. authenticate
+    let query = req.uri().query().map(str::to_owned);
+    let audit_port = port.is_some_and(|p| p.mode == apiward_policy::config::Mode::Audit);
+    let mut authn_would_deny = None;
+    let caller = match port {
+        Some(p) => match authenticate(&active, p, req.headers(), query.as_deref()).await {
+            Ok(c) => c,
+            Err(e) => {
+                shared.metrics.authn_failures.get_or_create(&crate::metrics::ReasonLabels { reason: e.code() }).inc();
+                if audit_port {
+                    authn_would_deny = Some(e.code());
+                    Caller::default()
+                } else {
+                    log_decision(shared, &active, &rid, req.method().as_str(), req.uri().path(), info, None, "deny", e.code(), 401, start);
+                    record_simple(shared, "deny", e.code(), 401);
+                    return refusal(StatusCode::UNAUTHORIZED, e.code(), &rid);
+                }
+            }
+        },
+        None => Caller::default(),
+    };
+
+    // 2. decide (authorization, declared API, quotas)
+    let decided_at = Instant::now();
+    let mut decision = {
+        let headers_view = HeaderView(req.headers());
+        let facts = Facts {
+            port: port_no,
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: query.as_deref(),
+            headers: &headers_view,
+            identity: Identity {
+                peer: info.peer.as_deref(),
+                jwt: caller.jwt.as_ref().map(|(p, c)| JwtIdentity { provider: p, claims: c }),
+                api_key: caller.api_key.as_ref().map(|(p, c)| ApiKeyIdentity { provider: p, client: c }),
+            },
+            source_ip: normalize_ip(info.source.ip()),
+            now_ms: now_ms(),
+        };
+        engine.decide(&facts, &shared.quotas, &mut NoTrace)
+    };
+    shared.metrics.decision_duration.observe(decided_at.elapsed().as_secs_f64());
+    if authn_would_deny.is_some() {
+        decision.would_deny = true;
+    }
+    if !decision.allowed {
+        let status = StatusCode::from_u16(decision.status).unwrap_or(StatusCode::FORBIDDEN);
+        let mut r = refusal(status, decision.reason.code(), &rid);
+        rate_limit_headers(r.headers_mut(), &decision);
+        log_decision(shared, &active, &rid, req.method().as_str(), req.uri().path(), info, Some(&decision), "deny", decision.reason.code(), status.as_u16(), start);
+        record(shared, &decision, status.as_u16());
+        return r;
+    }
+    if decision.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(decision.delay_ms)).await;
+    }
+
+    // 3. request checks
+    let limits = port.map(|p| p.limits.clone()).unwrap_or_default();
+    if let Err((status, code)) = request_checks(&req, &limits) {
+        let mut d = decision.clone();
+        d.allowed = false;
+        log_decision(shared, &active, &rid, req.method().as_str(), req.uri().path(), info, Some(&d), "deny", code, status.as_u16(), start);
+        record_status(shared, "deny", code, status.as_u16());
+        return refusal(status, code, &rid);
+    }
+
+    // 4. forward
+    let label = decision_label(&decision);
+    let reason = authn_would_deny.unwrap_or(decision.reason.code());
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let resp = forward(req, info, &active, port, &caller, &decision, &rid, upstream, &limits, shared).await;
+    let status = resp.status().as_u16();
+    record_status_rule(shared, label, reason, status, &decision);
+    log_decision(shared, &active, &rid, method.as_str(), &path, info, Some(&decision), label, reason, status, start);
+    shared.metrics.request_duration.observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+fn normalize_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Content type, declared body size and JSON depth (when the body is JSON and a depth limit
+/// is set, the body is read up to the size limit to check it).
+fn request_checks(req: &Request<Incoming>, limits: &apiward_policy::config::RequestLimits) -> Result<(), (StatusCode, &'static str)> {
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v != "0");
+    if let Some(max) = limits.max_body_bytes {
+        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Err((StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"));
+        }
+    }
+    if has_body && !limits.content_types.is_empty() {
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let ok = limits.content_types.iter().any(|allowed| {
+            allowed == &ct || allowed.strip_suffix("/*").is_some_and(|prefix| ct.split('/').next() == Some(prefix))
+        });
+        if !ok {
+            return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_content_type"));
+        }
+    }
+    Ok(())
+}
+
+fn is_json(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .is_some_and(|ct| ct == "application/json" || ct.ends_with("+json"))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    req: Request<Incoming>,
+    info: &ConnInfo,
+    active: &Active,
+    port: Option<&PortPolicy>,
+    caller: &Caller,
+    decision: &Decision<'_>,
+    rid: &str,
+    upstream: &Upstream,
+    limits: &apiward_policy::config::RequestLimits,
+    shared: &Arc<Shared>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = req.into_parts();
+    let grpc = parts.version == Version::HTTP_2
+        && parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"));
+    let upgrade = parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
+    let client_upgrade = if upgrade { Some(hyper::upgrade::on(&mut parts_to_request(&mut parts))) } else { None };
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if upgrade {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if grpc {
+        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // Identity headers: remove every incoming copy, then set what was verified.
+    let identity_header = active.settings.identity_header.as_str();
+    parts.headers.remove(identity_header);
+    let mut forwarded: Vec<(String, String)> = Vec::new();
+    for id in port.map(|p| p.jwt_providers.as_slice()).unwrap_or_default() {
+        if let Some(v) = active.jwt.get(id) {
+            for (claim, h) in &v.provider.forward_claims {
+                parts.headers.remove(h.as_str());
+                if let Some((pid, claims)) = &caller.jwt {
+                    if pid == id {
+                        if let Some(val) = apiward_policy::engine::claim_str(claims.get(claim)) {
+                            forwarded.push((h.clone(), val.into_owned()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(p) = principal(info, caller) {
+        forwarded.push((identity_header.to_owned(), p));
+    }
+    for (h, v) in forwarded {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.as_bytes()), HeaderValue::from_str(&v)) {
+            parts.headers.insert(n, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(rid) {
+        parts.headers.insert("x-request-id", v);
+    }
+    let source = normalize_ip(info.source.ip()).to_string();
+    let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {source}"),
+        None => source,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+    let target = active.settings.inbound.upstream();
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = match format!("http://{target}{pq}").parse() {
+        Ok(u) => u,
+        Err(_) => return refusal(StatusCode::BAD_REQUEST, "invalid_path", rid),
+    };
+    if let Some(a) = authority {
+        if let Ok(v) = HeaderValue::from_str(&a) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    parts.version = if grpc { Version::HTTP_2 } else { Version::HTTP_11 };
+
+    // Body: size-limited while streaming; buffered only to check JSON depth.
+    let tripped = Arc::new(AtomicBool::new(false));
+    let max_body = limits.max_body_bytes.unwrap_or(u64::MAX);
+    let body: ProxyBody = if let (Some(depth), true) = (limits.max_json_depth, is_json(&parts.headers)) {
+        let cap = max_body.min(active.settings.limits.max_filtered_response_bytes as u64);
+        match LimitedBody::new(body, cap, tripped.clone()).collect().await {
+            Ok(c) => {
+                let bytes = c.to_bytes();
+                if json_depth(&bytes) > depth as usize {
+                    return refusal(StatusCode::BAD_REQUEST, "json_too_deep", rid);
+                }
+                full(bytes)
+            }
+            Err(_) if tripped.load(Ordering::Acquire) => return refusal(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", rid),
+            Err(_) => return refusal(StatusCode::BAD_REQUEST, "body_read_failed", rid),
+        }
+    } else {
+        LimitedBody::new(body, max_body, tripped.clone()).boxed()
+    };
+    let out = Request::from_parts(parts, body);
+    let client = if grpc { &upstream.http2 } else { &upstream.http1 };
+    let call = client.request(out);
+    let result = match limits.timeout_ms {
+        Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), call).await {
+            Ok(r) => r,
+            Err(_) => return refusal(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", rid),
+        },
+        None => call.await,
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if tripped.load(Ordering::Acquire) {
+                let mut r = refusal(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", rid);
+                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return r;
+            }
+            tracing::warn!(request_id = rid, error = %e, "upstream request failed");
+            return refusal(StatusCode::BAD_GATEWAY, "upstream_unavailable", rid);
+        }
+    };
+    if tripped.load(Ordering::Acquire) {
+        // The app answered before the body was cut off; the client still sees 413.
+        let mut r = refusal(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", rid);
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_up) = client_upgrade {
+            let upstream_up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(u)) = (client_up.await, upstream_up.await) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+                }
+            });
+        }
+        let (mut rp, _) = resp.into_parts();
+        rp.headers.remove("server");
+        return Response::from_parts(rp, full(Bytes::new()));
+    }
+    filter_response(resp, port, decision, rid, active, shared).await
+}
+
+/// Builds a throwaway request around the parts so hyper can register the upgrade
+/// (hyper keeps the pending upgrade in the request's extensions).
+fn parts_to_request(parts: &mut http::request::Parts) -> Request<()> {
+    let mut r = Request::new(());
+    *r.extensions_mut() = std::mem::take(&mut parts.extensions);
+    r
+}
+
+/// Response filter: removes headers, masks upstream 5xx bodies, removes JSON fields,
+/// and adds deprecation and rate-limit headers.
+async fn filter_response(
+    resp: Response<Incoming>,
+    port: Option<&PortPolicy>,
+    decision: &Decision<'_>,
+    rid: &str,
+    active: &Active,
+    _shared: &Arc<Shared>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    let defaults = ["server", "x-powered-by"];
+    for h in port.map(|p| p.response.remove_headers.as_slice()).unwrap_or_default().iter().map(String::as_str).chain(defaults) {
+        parts.headers.remove(h);
+    }
+    if let Ok(v) = HeaderValue::from_str(rid) {
+        parts.headers.insert("x-request-id", v);
+    }
+    if decision.deprecated {
+        parts.headers.insert("deprecation", HeaderValue::from_static("true"));
+        if let Some(s) = decision.sunset_unix {
+            if let Ok(v) = HeaderValue::from_str(&http_date(s)) {
+                parts.headers.insert("sunset", v);
+            }
+        }
+    }
+    rate_limit_headers(&mut parts.headers, decision);
+    let response = port.map(|p| &p.response);
+    if parts.status.is_server_error() && response.is_none_or(|r| r.mask_server_errors) {
+        let problem = serde_json::json!({
+            "type": "about:blank",
+            "title": "upstream error",
+            "status": parts.status.as_u16(),
+            "requestId": rid,
+        });
+        parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Response::from_parts(parts, full(problem.to_string()));
+    }
+    let fields = response.map(|r| r.remove_fields.as_slice()).unwrap_or_default();
+    if fields.is_empty() || !is_json(&parts.headers) {
+        return Response::from_parts(parts, body.map_err(Into::into).boxed());
+    }
+    let cap = active.settings.limits.max_filtered_response_bytes;
+    let bytes = match http_body_util::Limited::new(body, cap).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => return refusal(StatusCode::BAD_GATEWAY, "response_not_filterable", rid),
+    };
+    let out = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(mut v) => {
+            for f in fields {
+                remove_pointer(&mut v, f);
+            }
+            Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
+        }
+        Err(_) => return refusal(StatusCode::BAD_GATEWAY, "response_not_filterable", rid),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, full(out))
+}
+
+/// RFC 9110 IMF-fixdate.
+fn http_date(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    let (y, m, d) = apiward_policy::time::civil_from_days(days);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
+    let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][(m - 1) as usize];
+    format!("{weekday}, {d:02} {month} {y} {:02}:{:02}:{:02} GMT", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+/// `RateLimit-Policy`, `RateLimit` (IETF draft) and the legacy `X-RateLimit-*`, plus
+/// `Retry-After` on refusals.
+fn rate_limit_headers(h: &mut HeaderMap, d: &Decision<'_>) {
+    let Some(q) = &d.quota else { return };
+    let v = &q.verdict;
+    let reset = v.reset_ms.div_ceil(1000);
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(val) = HeaderValue::from_str(&value) {
+            h.insert(name, val);
+        }
+    };
+    set("ratelimit-policy", format!("\"{}\";q={};w={}", q.quota.name, v.limit, q.window_seconds));
+    set("ratelimit", format!("\"{}\";r={};t={}", q.quota.name, v.remaining, reset));
+    set("x-ratelimit-limit", v.limit.to_string());
+    set("x-ratelimit-remaining", v.remaining.to_string());
+    set("x-ratelimit-reset", reset.to_string());
+    if !v.allowed {
+        set("retry-after", v.retry_after_ms.div_ceil(1000).max(1).to_string());
+    }
+}
+
+fn record(shared: &Shared, d: &Decision<'_>, status: u16) {
+    record_status_rule(shared, decision_label(d), d.reason.code(), status, d);
+}
+
+fn record_status_rule(shared: &Shared, decision: &'static str, reason: &'static str, status: u16, d: &Decision<'_>) {
+    let (policy, rule) = d.rule.map_or((String::new(), String::new()), |r| (r.policy.to_owned(), r.name.to_owned()));
+    shared.metrics.requests.get_or_create(&crate::metrics::RequestLabels { decision, reason, policy, rule, status }).inc();
+}
+
+fn record_status(shared: &Shared, decision: &'static str, reason: &'static str, status: u16) {
+    record_simple(shared, decision, reason, status);
+}
+
+fn record_simple(shared: &Shared, decision: &'static str, reason: &'static str, status: u16) {
+    shared
+        .metrics
+        .requests
+        .get_or_create(&crate::metrics::RequestLabels { decision, reason, policy: String::new(), rule: String::new(), status })
+        .inc();
+}
+
+/// One JSON decision-log line per denied request (allowed ones sampled). Never logs
+/// tokens, keys, header values or query strings.
+#[allow(clippy::too_many_arguments)]
+fn log_decision(
+    shared: &Shared,
+    active: &Active,
+    rid: &str,
+    method: &str,
+    path: &str,
+    info: &ConnInfo,
+    d: Option<&Decision<'_>>,
+    decision: &str,
+    reason: &str,
+    status: u16,
+    start: Instant,
+) {
+    if decision == "allow" {
+        let f = active.settings.log_allowed_fraction;
+        let n = shared.counter.load(Ordering::Relaxed);
+        if f <= 0.0 || (n % (1.0 / f).round().max(1.0) as u64) != 0 {
+            return;
+        }
+    }
+    tracing::info!(
+        target: "apiward::decision",
+        request_id = rid,
+        method,
+        path,
+        template = d.and_then(|d| d.template).unwrap_or(""),
+        decision,
+        reason,
+        status,
+        policy = d.and_then(|d| d.rule).map_or("", |r| r.policy),
+        rule = d.and_then(|d| d.rule).map_or("", |r| r.name),
+        detail = d.and_then(|d| d.detail.as_deref()).unwrap_or(""),
+        peer = info.peer.as_deref().unwrap_or(""),
+        source_ip = %info.source.ip(),
+        latency_us = start.elapsed().as_micros() as u64,
+        config_version = active.version(),
+    );
+}

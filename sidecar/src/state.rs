@@ -1,0 +1,141 @@
+//! The sidecar's live state: the active config (swapped atomically on reload), metrics,
+//! quota counters and the JWKS client. With no active config every request is refused.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use apiward_policy::SidecarConfig;
+use apiward_policy::engine::Engine;
+use apiward_policy::quota::LocalQuotas;
+use arc_swap::ArcSwapOption;
+
+use crate::authn::{ApiKeySet, JwtVerifier};
+use crate::metrics::Metrics;
+use crate::settings::{Settings, Timeouts};
+
+/// How often JWKS are refreshed when nothing asks sooner.
+pub const JWKS_REFRESH: Duration = Duration::from_secs(300);
+/// Most quota keys held in memory.
+pub const MAX_QUOTA_KEYS: usize = 100_000;
+
+/// One loaded, validated config and everything derived from it.
+pub struct Active {
+    /// The settings file as loaded.
+    pub settings: Settings,
+    /// The policy (an empty one refuses everything).
+    pub config: Option<SidecarConfig>,
+    /// The compiled decision engine.
+    pub engine: Option<Engine>,
+    /// Inbound TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// JWT verifiers by provider id.
+    pub jwt: HashMap<String, Arc<JwtVerifier>>,
+    /// API-key sets by provider id.
+    pub api_keys: HashMap<String, ApiKeySet>,
+    /// Parsed limit durations.
+    pub timeouts: Timeouts,
+}
+
+impl std::fmt::Debug for Active {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Active").field("version", &self.version()).finish_non_exhaustive()
+    }
+}
+
+impl Active {
+    /// The enforced config version, or `none`.
+    pub fn version(&self) -> &str {
+        self.config.as_ref().map_or("none", |c| c.version.as_str())
+    }
+}
+
+/// Shared by every connection.
+pub struct Shared {
+    /// The active config; `None` until one loads.
+    pub active: ArcSwapOption<Active>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Local quota counters (kept across reloads).
+    pub quotas: LocalQuotas,
+    /// TLS client config for JWKS fetches.
+    pub jwks_client: Arc<rustls::ClientConfig>,
+    /// The settings file.
+    pub config_path: PathBuf,
+    /// Requests seen (for sampling the decision log and request ids).
+    pub counter: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("config_path", &self.config_path).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Shared state for a settings file (nothing loaded yet).
+    pub fn new(config_path: &Path, jwks_client: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            active: ArcSwapOption::empty(),
+            metrics: Metrics::new(),
+            quotas: LocalQuotas::new(MAX_QUOTA_KEYS),
+            jwks_client,
+            config_path: config_path.to_owned(),
+            counter: Default::default(),
+        }
+    }
+
+    /// Loads the settings file; on success swaps it in and returns its version. On failure
+    /// the previous config keeps serving and the error says why.
+    pub fn reload(self: &Arc<Self>) -> Result<String, String> {
+        match load(&self.config_path, self.active.load().as_deref(), &self.jwks_client) {
+            Ok(active) => {
+                let version = active.version().to_owned();
+                for v in active.jwt.values() {
+                    tokio::spawn(v.clone().keep_fresh(self.jwks_client.clone(), JWKS_REFRESH));
+                }
+                self.metrics.config_loaded.set(i64::from(active.engine.is_some()));
+                self.active.store(Some(Arc::new(active)));
+                self.metrics.config_applied.inc();
+                Ok(version)
+            }
+            Err(e) => {
+                self.metrics.config_rejected.inc();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Loads and validates a settings file into an [`Active`]. JWT verifiers whose provider
+/// did not change are carried over from `previous`, keeping their keys and token cache.
+pub fn load(path: &Path, previous: Option<&Active>, _client: &Arc<rustls::ClientConfig>) -> Result<Active, String> {
+    let settings = Settings::load(path).map_err(|e| e.to_string())?;
+    let timeouts = settings.timeouts().map_err(|(f, m)| format!("{f}: {m}"))?;
+    let config = settings.policy.clone();
+    let engine = config.as_ref().map(Engine::new).transpose().map_err(|e| e.to_string())?;
+    let mode = engine.as_ref().map_or(apiward_policy::config::MtlsMode::Strict, |e| e.mtls(settings.inbound.port));
+    let tls = settings
+        .tls
+        .as_ref()
+        .map(|f| crate::tls::server_config(f, mode))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let mut jwt = HashMap::new();
+    let mut api_keys = HashMap::new();
+    if let Some(cfg) = &config {
+        for p in &cfg.jwt_providers {
+            let reuse = previous.and_then(|a| a.jwt.get(&p.id)).filter(|v| v.same_provider(p)).cloned();
+            let v = match reuse {
+                Some(v) => v,
+                None => Arc::new(JwtVerifier::new(p.clone())?),
+            };
+            jwt.insert(p.id.clone(), v);
+        }
+        for p in &cfg.api_key_providers {
+            api_keys.insert(p.id.clone(), ApiKeySet::new(p.clone())?);
+        }
+    }
+    Ok(Active { settings, config, engine, tls, jwt, api_keys, timeouts })
+}

@@ -1,0 +1,90 @@
+//! TLS for the inbound listener: rustls with the aws-lc-rs provider, TLS 1.3 and TLS 1.2
+//! with ECDHE + AEAD suites only, client certificates verified against the trust bundle,
+//! and the peer's SPIFFE ID read from its certificate's URI SAN.
+
+use std::sync::Arc;
+
+use apiward_policy::config::MtlsMode;
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::settings::TlsFiles;
+
+/// Why TLS material could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS: {0}")]
+pub struct TlsError(pub String);
+
+/// The crypto provider every TLS config uses.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsError(format!("{}: {e}", path.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError(format!("{}: no certificate found", path.display())));
+    }
+    Ok(certs)
+}
+
+/// Builds the inbound server config. In Strict mode a client certificate is required; in
+/// Permissive mode it is optional (callers without one are unauthenticated).
+pub fn server_config(files: &TlsFiles, mode: MtlsMode) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let certs = read_certs(&files.cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key_file)
+        .map_err(|e| TlsError(format!("{}: {e}", files.key_file.display())))?;
+    let mut roots = RootCertStore::empty();
+    for c in read_certs(&files.client_ca_file)? {
+        roots.add(c).map_err(|e| TlsError(format!("{}: {e}", files.client_ca_file.display())))?;
+    }
+    let provider = provider();
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let verifier = match mode {
+        MtlsMode::Strict => builder.build(),
+        _ => builder.allow_unauthenticated().build(),
+    }
+    .map_err(|e| TlsError(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The SPIFFE ID (URI SAN starting with `spiffe://`) of a verified peer certificate.
+pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some((*u).to_owned()),
+        _ => None,
+    })
+}
+
+/// A client config trusting the public web roots plus an optional extra CA file
+/// (for fetching JWKS over HTTPS).
+pub fn client_config(extra_ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(p) = extra_ca {
+        for c in read_certs(p)? {
+            roots.add(c).map_err(|e| TlsError(format!("{}: {e}", p.display())))?;
+        }
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
