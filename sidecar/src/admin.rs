@@ -16,7 +16,9 @@ use crate::state::Shared;
 /// Serves the admin endpoints until the process ends.
 pub async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
@@ -33,7 +35,10 @@ pub async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -42,8 +47,16 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "text/plain", "live\n".into()),
         "/ready" => match active.as_deref() {
-            Some(a) if a.engine.is_some() => text(StatusCode::OK, "text/plain", format!("ready: config {}\n", a.version())),
-            _ => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: no valid config\n".into()),
+            Some(a) if a.engine.is_some() => text(
+                StatusCode::OK,
+                "text/plain",
+                format!("ready: config {}\n", a.version()),
+            ),
+            _ => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not ready: no valid config\n".into(),
+            ),
         },
         "/metrics" => {
             if let Some(a) = active.as_deref() {
@@ -51,12 +64,18 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
                     shared
                         .metrics
                         .jwks_keys
-                        .get_or_create(&crate::metrics::ProviderLabels { provider: id.clone() })
+                        .get_or_create(&crate::metrics::ProviderLabels {
+                            provider: id.clone(),
+                        })
                         .set(v.key_count() as i64);
                 }
             }
             shared.metrics.quota_keys.set(shared.quotas.len() as i64);
-            text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", shared.metrics.encode())
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                shared.metrics.encode(),
+            )
         }
         "/config_dump" => {
             let dump = active.as_deref().map_or(Value::Null, |a| {
@@ -68,7 +87,11 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
                     "policy": policy,
                 })
             });
-            text(StatusCode::OK, "application/json", serde_json::to_string_pretty(&dump).unwrap_or_default())
+            text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&dump).unwrap_or_default(),
+            )
         }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }

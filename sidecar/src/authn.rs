@@ -95,7 +95,9 @@ pub struct KeySet {
 
 impl std::fmt::Debug for KeySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeySet").field("kids", &self.by_kid.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("KeySet")
+            .field("kids", &self.by_kid.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -105,10 +107,15 @@ impl KeySet {
         let set: JwkSet = serde_json::from_str(doc).map_err(|e| format!("invalid JWKS: {e}"))?;
         let mut ks = KeySet::default();
         for jwk in &set.keys {
-            if matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)) {
+            if matches!(
+                jwk.algorithm,
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
+            ) {
                 continue; // never accept HMAC keys
             }
-            let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
+            let Ok(key) = DecodingKey::from_jwk(jwk) else {
+                continue;
+            };
             match &jwk.common.key_id {
                 Some(kid) => {
                     ks.by_kid.insert(kid.clone(), key);
@@ -159,19 +166,27 @@ pub struct JwtVerifier {
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtVerifier").field("provider", &self.provider.id).finish_non_exhaustive()
+        f.debug_struct("JwtVerifier")
+            .field("provider", &self.provider.id)
+            .finish_non_exhaustive()
     }
 }
 
 impl JwtVerifier {
     /// A verifier; inline JWKS are parsed now, URIs are fetched by [`Self::keep_fresh`].
     pub fn new(provider: JwtProvider) -> Result<Self, String> {
-        let algorithms: Vec<Algorithm> = provider.algorithms.iter().filter_map(|a| algorithm(a)).collect();
+        let algorithms: Vec<Algorithm> = provider
+            .algorithms
+            .iter()
+            .filter_map(|a| algorithm(a))
+            .collect();
         if algorithms.is_empty() {
             return Err(format!("JWT provider {}: no usable algorithm", provider.id));
         }
         let keys = match &provider.jwks {
-            JwksSource::Inline(doc) => Some(KeySet::parse(doc).map_err(|e| format!("JWT provider {}: {e}", provider.id))?),
+            JwksSource::Inline(doc) => {
+                Some(KeySet::parse(doc).map_err(|e| format!("JWT provider {}: {e}", provider.id))?)
+            }
             JwksSource::Uri(_) => None,
         };
         Ok(Self {
@@ -204,21 +219,32 @@ impl JwtVerifier {
     }
 
     /// Verifies a token at `now` (Unix seconds).
-    pub async fn verify(&self, token: &str, now: u64) -> Result<Arc<Map<String, Value>>, AuthnError> {
+    pub async fn verify(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<Arc<Map<String, Value>>, AuthnError> {
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(c) = self.cache.lock().ok().and_then(|c| c.get(&hash).map(|t| (t.claims.clone(), t.exp))) {
-            if c.1 + self.provider.clock_skew_seconds > now {
-                return Ok(c.0);
-            }
+        if let Some(c) = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&hash).map(|t| (t.claims.clone(), t.exp)))
+            && c.1 + self.provider.clock_skew_seconds > now
+        {
+            return Ok(c.0);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthnError::Malformed)?;
         if !self.algorithms.contains(&header.alg) {
             return Err(AuthnError::Algorithm);
         }
         let claims = match self.verify_with_keys(token, &header, now) {
-            Err(AuthnError::UnknownKey) | Err(AuthnError::KeysUnavailable) if self.request_refresh() => {
+            Err(AuthnError::UnknownKey) | Err(AuthnError::KeysUnavailable)
+                if self.request_refresh() =>
+            {
                 // One rate-limited refresh for an unknown kid, then a second try.
-                let _ = tokio::time::timeout(Duration::from_secs(3), self.refreshed.notified()).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(3), self.refreshed.notified()).await;
                 self.verify_with_keys(token, &header, now)?
             }
             other => other?,
@@ -232,7 +258,13 @@ impl JwtVerifier {
                     cache.clear();
                 }
             }
-            cache.insert(hash, CachedToken { claims: claims.clone(), exp });
+            cache.insert(
+                hash,
+                CachedToken {
+                    claims: claims.clone(),
+                    exp,
+                },
+            );
         }
         Ok(claims)
     }
@@ -242,7 +274,9 @@ impl JwtVerifier {
         if !matches!(self.provider.jwks, JwksSource::Uri(_)) {
             return false;
         }
-        let Ok(mut last) = self.last_refresh_request.lock() else { return false };
+        let Ok(mut last) = self.last_refresh_request.lock() else {
+            return false;
+        };
         if last.is_some_and(|t| t.elapsed() < REFRESH_MIN_INTERVAL) {
             return false;
         }
@@ -258,10 +292,16 @@ impl JwtVerifier {
         now: u64,
     ) -> Result<Map<String, Value>, AuthnError> {
         let keys = self.keys.load();
-        let Some(keys) = keys.as_ref() else { return Err(AuthnError::KeysUnavailable) };
+        let Some(keys) = keys.as_ref() else {
+            return Err(AuthnError::KeysUnavailable);
+        };
         let candidates: Vec<&DecodingKey> = match &header.kid {
             Some(kid) => keys.by_kid.get(kid).into_iter().collect(),
-            None => keys.without_kid.iter().chain(keys.by_kid.values()).collect(),
+            None => keys
+                .without_kid
+                .iter()
+                .chain(keys.by_kid.values())
+                .collect(),
         };
         if candidates.is_empty() {
             return Err(AuthnError::UnknownKey);
@@ -283,7 +323,11 @@ impl JwtVerifier {
             match jsonwebtoken::decode::<Map<String, Value>>(token, key, &v) {
                 Ok(data) => {
                     let claims = data.claims;
-                    if claims.get("iat").and_then(Value::as_u64).is_some_and(|iat| iat > now + self.provider.clock_skew_seconds) {
+                    if claims
+                        .get("iat")
+                        .and_then(Value::as_u64)
+                        .is_some_and(|iat| iat > now + self.provider.clock_skew_seconds)
+                    {
                         return Err(AuthnError::NotYetValid);
                     }
                     return Ok(claims);
@@ -297,7 +341,9 @@ impl JwtVerifier {
                         K::InvalidAudience => return Err(AuthnError::Audience),
                         K::MissingRequiredClaim(_) => return Err(AuthnError::MissingClaim),
                         K::InvalidAlgorithm => AuthnError::Algorithm,
-                        K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => return Err(AuthnError::Malformed),
+                        K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
+                            return Err(AuthnError::Malformed);
+                        }
                         _ => AuthnError::Signature,
                     };
                 }
@@ -309,9 +355,18 @@ impl JwtVerifier {
     /// Fetches the JWKS now and then: at start, every `interval`, when asked (unknown
     /// `kid`), and with backoff after failures. The last good keys are kept when the issuer
     /// is down. Runs until the verifier is dropped by a config change.
-    pub async fn keep_fresh(self: Arc<Self>, client: Arc<rustls::ClientConfig>, interval: Duration) {
-        let JwksSource::Uri(uri) = self.provider.jwks.clone() else { return };
-        if self.fetching.swap(true, std::sync::atomic::Ordering::AcqRel) {
+    pub async fn keep_fresh(
+        self: Arc<Self>,
+        client: Arc<rustls::ClientConfig>,
+        interval: Duration,
+    ) {
+        let JwksSource::Uri(uri) = self.provider.jwks.clone() else {
+            return;
+        };
+        if self
+            .fetching
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             return; // already kept fresh by an earlier task
         }
         let weak = Arc::downgrade(&self);
@@ -320,7 +375,10 @@ impl JwtVerifier {
         let mut backoff = Duration::from_millis(500);
         loop {
             let Some(me) = weak.upgrade() else { return };
-            let wait = match fetch(&uri, &client).await.and_then(|doc| KeySet::parse(&doc)) {
+            let wait = match fetch(&uri, &client)
+                .await
+                .and_then(|doc| KeySet::parse(&doc))
+            {
                 Ok(ks) => {
                     tracing::info!(provider = %me.provider.id, keys = ks.len(), "JWKS refreshed");
                     me.install_keys(ks);
@@ -328,7 +386,8 @@ impl JwtVerifier {
                     interval
                 }
                 Err(e) => {
-                    me.fetch_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    me.fetch_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     me.refreshed.notify_waiters();
                     tracing::warn!(provider = %me.provider.id, error = %e, retry_in_ms = backoff.as_millis() as u64, "JWKS fetch failed; keeping the last good keys");
                     let w = backoff;
@@ -352,32 +411,53 @@ pub async fn fetch(uri: &str, tls: &Arc<rustls::ClientConfig>) -> Result<String,
     let host = parsed.host().ok_or("JWKS URI has no host")?.to_owned();
     let https = parsed.scheme_str() == Some("https");
     let port = parsed.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let path = parsed.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let path = parsed
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
     let work = async {
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string())?;
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| e.to_string())?;
         let req = http::Request::get(path)
             .header(http::header::HOST, host.as_str())
             .header(http::header::ACCEPT, "application/json")
             .body(Empty::<bytes::Bytes>::new())
             .map_err(|e| e.to_string())?;
         let resp = if https {
-            let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
-            let stream = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(|e| e.to_string())?;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+            let name =
+                rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+            let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
             tokio::spawn(conn);
             send.send_request(req).await.map_err(|e| e.to_string())?
         } else {
-            let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| e.to_string())?;
             tokio::spawn(conn);
             send.send_request(req).await.map_err(|e| e.to_string())?
         };
         if !resp.status().is_success() {
             return Err(format!("JWKS endpoint answered {}", resp.status()));
         }
-        let body = Limited::new(resp.into_body(), 1 << 20).collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let body = Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         String::from_utf8(body.to_vec()).map_err(|e| e.to_string())
     };
-    tokio::time::timeout(Duration::from_secs(5), work).await.map_err(|_| "JWKS fetch timed out".to_string())?
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .map_err(|_| "JWKS fetch timed out".to_string())?
 }
 
 /// One API-key provider, ready to check presented keys.
@@ -390,24 +470,36 @@ pub struct ApiKeySet {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len() / 2).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()).collect()
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+        .collect()
 }
 
 impl ApiKeySet {
     /// Parses the provider's hex material.
     pub fn new(provider: ApiKeyProvider) -> Result<Self, String> {
-        let mac_key = unhex(&provider.hmac_key).ok_or_else(|| format!("API-key provider {}: hmacKey is not hex", provider.id))?;
+        let mac_key = unhex(&provider.hmac_key)
+            .ok_or_else(|| format!("API-key provider {}: hmacKey is not hex", provider.id))?;
         let mut hashes = Vec::new();
         for k in &provider.keys {
             let h: [u8; 32] = unhex(&k.hash)
                 .and_then(|v| v.try_into().ok())
-                .ok_or_else(|| format!("API-key provider {}: hash of {} is not 32 bytes of hex", provider.id, k.client))?;
+                .ok_or_else(|| {
+                    format!(
+                        "API-key provider {}: hash of {} is not 32 bytes of hex",
+                        provider.id, k.client
+                    )
+                })?;
             hashes.push((k.client.clone(), h));
         }
-        Ok(Self { provider, mac_key, hashes })
+        Ok(Self {
+            provider,
+            mac_key,
+            hashes,
+        })
     }
 
     /// The client a presented key belongs to. Every stored hash is compared, in constant time.

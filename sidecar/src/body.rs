@@ -36,7 +36,11 @@ pub struct LimitedBody<B> {
 impl<B> LimitedBody<B> {
     /// Wraps `inner`.
     pub fn new(inner: B, limit: u64, tripped: Arc<AtomicBool>) -> Self {
-        Self { inner, remaining: limit, tripped }
+        Self {
+            inner,
+            remaining: limit,
+            tripped,
+        }
     }
 }
 
@@ -48,7 +52,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -113,7 +120,9 @@ pub fn remove_pointer(v: &mut serde_json::Value, pointer: &str) {
 }
 
 fn remove_tokens(v: &mut serde_json::Value, tokens: &[String]) {
-    let Some((first, rest)) = tokens.split_first() else { return };
+    let Some((first, rest)) = tokens.split_first() else {
+        return;
+    };
     use serde_json::Value;
     match v {
         Value::Object(map) => {
@@ -171,6 +180,9 @@ mod tests {
         remove_pointer(&mut v, "/items/*/costPrice");
         remove_pointer(&mut v, "/a~1b");
         remove_pointer(&mut v, "/missing/deeper");
-        assert_eq!(v, serde_json::json!({"id":1,"items":[{"sku":"a"},{"sku":"b"}]}));
+        assert_eq!(
+            v,
+            serde_json::json!({"id":1,"items":[{"sku":"a"},{"sku":"b"}]})
+        );
     }
 }

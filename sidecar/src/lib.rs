@@ -41,14 +41,19 @@ pub async fn start(config: &Path) -> anyhow::Result<(Arc<state::Shared>, Bound)>
     let jwks_client = tls::client_config(first.jwks_ca_file.as_deref())?;
     let shared = Arc::new(state::Shared::new(config, jwks_client));
     let version = shared.reload().map_err(|e| anyhow::anyhow!(e))?;
-    let timeouts = first.timeouts().map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?;
+    let timeouts = first
+        .timeouts()
+        .map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?;
     let inbound = tokio::net::TcpListener::bind(first.inbound.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", first.inbound.listen))?;
     let admin = tokio::net::TcpListener::bind(first.admin.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", first.admin.listen))?;
-    let bound = Bound { inbound: inbound.local_addr()?, admin: admin.local_addr()? };
+    let bound = Bound {
+        inbound: inbound.local_addr()?,
+        admin: admin.local_addr()?,
+    };
     tracing::info!(config = %config.display(), version, inbound = %bound.inbound, admin = %bound.admin, upstream = %first.inbound.upstream(), "apiward-sidecar serving");
     let upstream = proxy::Upstream::new(timeouts.upstream_idle);
     tokio::spawn(proxy::serve_inbound(inbound, shared.clone(), upstream));
@@ -85,7 +90,9 @@ async fn watch(shared: Arc<state::Shared>, path: PathBuf) {
         last = now;
         match shared.reload() {
             Ok(v) => tracing::info!(version = v, "config reloaded"),
-            Err(e) => tracing::error!(error = %e, "config refused; the previous config keeps serving"),
+            Err(e) => {
+                tracing::error!(error = %e, "config refused; the previous config keeps serving")
+            }
         }
     }
 }

@@ -34,15 +34,30 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let Command::Run { config, threads, log_format, log } = Cli::parse().command;
-    let filter = tracing_subscriber::EnvFilter::try_new(&log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let Command::Run {
+        config,
+        threads,
+        log_format,
+        log,
+    } = Cli::parse().command;
+    let filter = tracing_subscriber::EnvFilter::try_new(&log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if log_format == "json" {
-        tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(false).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(false)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build() {
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("apiward-sidecar: cannot start the runtime: {e}");
@@ -53,7 +68,8 @@ fn main() -> ExitCode {
         match apiward_sidecar::start(&config).await {
             Ok(_) => {
                 let _ = tokio::signal::ctrl_c().await;
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
                 if let Some(t) = term.as_mut() {
                     tokio::select! { _ = t.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
                 }

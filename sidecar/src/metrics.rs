@@ -77,26 +77,66 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("apiward_sidecar");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "Requests by decision, reason, policy, rule and status", requests.clone());
-        let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        registry.register(
+            "requests",
+            "Requests by decision, reason, policy, rule and status",
+            requests.clone(),
+        );
+        let buckets = [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
         let request_duration = Histogram::new(buckets);
-        registry.register("request_duration_seconds", "Request head to response head", request_duration.clone());
-        let decision_duration = Histogram::new([0.000001, 0.000005, 0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.01]);
-        registry.register("decision_duration_seconds", "Authentication and decision time", decision_duration.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Request head to response head",
+            request_duration.clone(),
+        );
+        let decision_duration = Histogram::new([
+            0.000001, 0.000005, 0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.01,
+        ]);
+        registry.register(
+            "decision_duration_seconds",
+            "Authentication and decision time",
+            decision_duration.clone(),
+        );
         let authn_failures = Family::<ReasonLabels, Counter>::default();
-        registry.register("authn_failures", "Refused credentials by reason", authn_failures.clone());
+        registry.register(
+            "authn_failures",
+            "Refused credentials by reason",
+            authn_failures.clone(),
+        );
         let config_applied = Counter::default();
         registry.register("config_applied", "Configs applied", config_applied.clone());
         let config_rejected = Counter::default();
-        registry.register("config_rejected", "Configs refused (the previous one keeps serving)", config_rejected.clone());
+        registry.register(
+            "config_rejected",
+            "Configs refused (the previous one keeps serving)",
+            config_rejected.clone(),
+        );
         let config_loaded = Gauge::default();
-        registry.register("config_loaded", "1 while a valid config is loaded", config_loaded.clone());
+        registry.register(
+            "config_loaded",
+            "1 while a valid config is loaded",
+            config_loaded.clone(),
+        );
         let connections = Gauge::default();
-        registry.register("connections", "Open inbound connections", connections.clone());
+        registry.register(
+            "connections",
+            "Open inbound connections",
+            connections.clone(),
+        );
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
-        registry.register("handshake_failures", "Inbound connections refused before HTTP", handshake_failures.clone());
+        registry.register(
+            "handshake_failures",
+            "Inbound connections refused before HTTP",
+            handshake_failures.clone(),
+        );
         let jwks_keys = Family::<ProviderLabels, Gauge>::default();
-        registry.register("jwks_keys", "JWKS keys held per provider", jwks_keys.clone());
+        registry.register(
+            "jwks_keys",
+            "JWKS keys held per provider",
+            jwks_keys.clone(),
+        );
         let quota_keys = Gauge::default();
         registry.register("quota_keys", "Local quota keys held", quota_keys.clone());
         Self {

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use apiward_policy::config::{MtlsMode, PortPolicy};
-use apiward_policy::engine::{ApiKeyIdentity, Decision, Headers, Identity, JwtIdentity, NoTrace, Request as Facts};
+use apiward_policy::engine::{
+    ApiKeyIdentity, Decision, Headers, Identity, JwtIdentity, NoTrace, Request as Facts,
+};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -70,10 +72,16 @@ impl Upstream {
 
 /// Accepts inbound connections until the process ends.
 pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, upstream: Upstream) {
-    let max = shared.active.load().as_ref().map_or(20_000, |a| a.settings.limits.max_connections);
+    let max = shared
+        .active
+        .load()
+        .as_ref()
+        .map_or(20_000, |a| a.settings.limits.max_connections);
     let permits = Arc::new(tokio::sync::Semaphore::new(max));
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let (tcp, source) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -93,20 +101,38 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, upstream:
     }
 }
 
-async fn handle_connection(tcp: TcpStream, source: SocketAddr, shared: &Arc<Shared>, upstream: Upstream) {
+async fn handle_connection(
+    tcp: TcpStream,
+    source: SocketAddr,
+    shared: &Arc<Shared>,
+    upstream: Upstream,
+) {
     let _ = tcp.set_nodelay(true);
     let Some(active) = shared.active.load_full() else {
-        shared.metrics.handshake_failures.get_or_create(&crate::metrics::ReasonLabels { reason: "no_config" }).inc();
+        shared
+            .metrics
+            .handshake_failures
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: "no_config",
+            })
+            .inc();
         return; // fail closed
     };
-    let mode = active.engine.as_ref().map_or(MtlsMode::Strict, |e| e.mtls(active.settings.inbound.port));
+    let mode = active
+        .engine
+        .as_ref()
+        .map_or(MtlsMode::Strict, |e| e.mtls(active.settings.inbound.port));
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout(active.timeouts.handshake, tcp.peek(&mut first)).await;
     if !matches!(peeked, Ok(Ok(1))) {
         return;
     }
     let fail = |reason: &'static str| {
-        shared.metrics.handshake_failures.get_or_create(&crate::metrics::ReasonLabels { reason }).inc();
+        shared
+            .metrics
+            .handshake_failures
+            .get_or_create(&crate::metrics::ReasonLabels { reason })
+            .inc();
     };
     let is_tls = first[0] == 0x16;
     match (is_tls, mode, &active.tls) {
@@ -114,14 +140,15 @@ async fn handle_connection(tcp: TcpStream, source: SocketAddr, shared: &Arc<Shar
         (true, MtlsMode::Disabled, _) | (true, _, None) => fail("tls_not_configured"),
         (true, _, Some(cfg)) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
-            let stream = match tokio::time::timeout(active.timeouts.handshake, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%source, error = %e, "TLS handshake failed");
-                    return fail("handshake_failed");
-                }
-                Err(_) => return fail("handshake_timeout"),
-            };
+            let stream =
+                match tokio::time::timeout(active.timeouts.handshake, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%source, error = %e, "TLS handshake failed");
+                        return fail("handshake_failed");
+                    }
+                    Err(_) => return fail("handshake_timeout"),
+                };
             let peer = stream
                 .get_ref()
                 .1
@@ -130,11 +157,31 @@ async fn handle_connection(tcp: TcpStream, source: SocketAddr, shared: &Arc<Shar
                 .and_then(crate::tls::spiffe_id)
                 .map(Arc::from);
             drop(active);
-            serve_http(stream, ConnInfo { peer, source, tls: true }, shared, upstream).await;
+            serve_http(
+                stream,
+                ConnInfo {
+                    peer,
+                    source,
+                    tls: true,
+                },
+                shared,
+                upstream,
+            )
+            .await;
         }
         (false, _, _) => {
             drop(active);
-            serve_http(tcp, ConnInfo { peer: None, source, tls: false }, shared, upstream).await;
+            serve_http(
+                tcp,
+                ConnInfo {
+                    peer: None,
+                    source,
+                    tls: false,
+                },
+                shared,
+                upstream,
+            )
+            .await;
         }
     }
 }
@@ -143,9 +190,18 @@ async fn serve_http<IO>(io: IO, info: ConnInfo, shared: &Arc<Shared>, upstream: 
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (header_timeout, streams, max_header) = shared.active.load().as_ref().map_or((Duration::from_secs(10), 256, 65536), |a| {
-        (a.timeouts.header_read, a.settings.limits.max_concurrent_streams, a.settings.limits.max_header_bytes)
-    });
+    let (header_timeout, streams, max_header) =
+        shared
+            .active
+            .load()
+            .as_ref()
+            .map_or((Duration::from_secs(10), 256, 65536), |a| {
+                (
+                    a.timeouts.header_read,
+                    a.settings.limits.max_concurrent_streams,
+                    a.settings.limits.max_header_bytes,
+                )
+            });
     let info = Arc::new(info);
     let shared2 = shared.clone();
     let svc = hyper::service::service_fn(move |req| {
@@ -162,7 +218,10 @@ where
         .max_concurrent_streams(streams)
         .max_header_list_size(max_header as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    if let Err(e) = b.serve_connection_with_upgrades(TokioIo::new(io), svc).await {
+    if let Err(e) = b
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await
+    {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }
@@ -183,14 +242,20 @@ impl Headers for HeaderView<'_> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn request_id(headers: &HeaderMap, shared: &Shared) -> String {
-    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
-        if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
-            return id.to_owned();
-        }
+    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok())
+        && !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return id.to_owned();
     }
     let n = shared.counter.fetch_add(1, Ordering::Relaxed);
     format!("{:x}-{n:x}", std::process::id())
@@ -207,14 +272,26 @@ pub struct Caller {
 
 /// Authenticates the credentials the port accepts. A credential that is presented but
 /// invalid is an error (401), never silently ignored.
-pub async fn authenticate(active: &Active, port: &PortPolicy, headers: &HeaderMap, query: Option<&str>) -> Result<Caller, AuthnError> {
+pub async fn authenticate(
+    active: &Active,
+    port: &PortPolicy,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Caller, AuthnError> {
     let mut caller = Caller::default();
     let now = now_ms() / 1000;
     // JWT: the provider whose issuer matches the token.
     let mut token_seen = false;
     for id in &port.jwt_providers {
-        let Some(v) = active.jwt.get(id) else { continue };
-        let Some(raw) = headers.get(v.provider.token_header.as_str()).and_then(|h| h.to_str().ok()) else { continue };
+        let Some(v) = active.jwt.get(id) else {
+            continue;
+        };
+        let Some(raw) = headers
+            .get(v.provider.token_header.as_str())
+            .and_then(|h| h.to_str().ok())
+        else {
+            continue;
+        };
         let token = if v.provider.token_header == "authorization" {
             match raw.split_once(' ') {
                 Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
@@ -236,10 +313,22 @@ pub async fn authenticate(active: &Active, port: &PortPolicy, headers: &HeaderMa
     }
     // API keys.
     for id in &port.api_key_providers {
-        let Some(set) = active.api_keys.get(id) else { continue };
+        let Some(set) = active.api_keys.get(id) else {
+            continue;
+        };
         let presented = match (&set.provider.header, &set.provider.query) {
-            (Some(h), _) if headers.contains_key(h.as_str()) => headers.get(h.as_str()).and_then(|v| v.to_str().ok()).map(str::to_owned),
-            (_, Some(q)) => query.and_then(|qs| qs.split('&').find_map(|kv| kv.strip_prefix(q.as_str()).and_then(|r| r.strip_prefix('=')))).map(str::to_owned),
+            (Some(h), _) if headers.contains_key(h.as_str()) => headers
+                .get(h.as_str())
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            (_, Some(q)) => query
+                .and_then(|qs| {
+                    qs.split('&').find_map(|kv| {
+                        kv.strip_prefix(q.as_str())
+                            .and_then(|r| r.strip_prefix('='))
+                    })
+                })
+                .map(str::to_owned),
             _ => None,
         };
         let Some(presented) = presented else { continue };
@@ -277,7 +366,10 @@ pub fn refusal(status: StatusCode, code: &str, request_id: &str) -> Response<Pro
     let mut r = Response::new(full(body.to_string()));
     *r.status_mut() = status;
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-request-id", v);
@@ -290,7 +382,10 @@ pub fn refusal(status: StatusCode, code: &str, request_id: &str) -> Response<Pro
         } else {
             "Bearer".to_string()
         };
-        h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("Bearer")));
+        h.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("Bearer")),
+        );
     }
     r
 }
@@ -347,7 +442,12 @@ fn decision_label(d: &Decision<'_>) -> &'static str {
 }
 
 /// One request through the whole pipeline.
-pub async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: &Arc<Shared>, upstream: &Upstream) -> Response<ProxyBody> {
+pub async fn handle(
+    req: Request<Incoming>,
+    info: &ConnInfo,
+    shared: &Arc<Shared>,
+    upstream: &Upstream,
+) -> Response<ProxyBody> {
     let start = Instant::now();
     let rid = request_id(req.headers(), shared);
     let Some(active) = shared.active.load_full() else {
@@ -361,17 +461,29 @@ pub async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: &Arc<Shared
     let port = engine.port(port_no);
     // A reload may have made this connection's kind unacceptable.
     let mode = engine.mtls(port_no);
-    if (mode == MtlsMode::Strict && info.peer.is_none()) || (mode == MtlsMode::Disabled && info.tls) {
+    if (mode == MtlsMode::Strict && info.peer.is_none()) || (mode == MtlsMode::Disabled && info.tls)
+    {
         let mut r = refusal(StatusCode::FORBIDDEN, "mtls_required", &rid);
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         record_simple(shared, "deny", "mtls_required", 403);
         return r;
     }
-    let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
-    let max_header = port.and_then(|p| p.limits.max_header_bytes).map_or(active.settings.limits.max_header_bytes, |m| m as usize);
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    let max_header = port
+        .and_then(|p| p.limits.max_header_bytes)
+        .map_or(active.settings.limits.max_header_bytes, |m| m as usize);
     if header_bytes > max_header {
         record_simple(shared, "deny", "headers_too_large", 431);
-        return refusal(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", &rid);
+        return refusal(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            &rid,
+        );
     }
 
     // 1. authenticate
@@ -382,12 +494,28 @@ pub async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: &Arc<Shared
         Some(p) => match authenticate(&active, p, req.headers(), query.as_deref()).await {
             Ok(c) => c,
             Err(e) => {
-                shared.metrics.authn_failures.get_or_create(&crate::metrics::ReasonLabels { reason: e.code() }).inc();
+                shared
+                    .metrics
+                    .authn_failures
+                    .get_or_create(&crate::metrics::ReasonLabels { reason: e.code() })
+                    .inc();
                 if audit_port {
                     authn_would_deny = Some(e.code());
                     Caller::default()
                 } else {
-                    log_decision(shared, &active, &rid, req.method().as_str(), req.uri().path(), info, None, "deny", e.code(), 401, start);
+                    log_decision(
+                        shared,
+                        &active,
+                        &rid,
+                        req.method().as_str(),
+                        req.uri().path(),
+                        info,
+                        None,
+                        "deny",
+                        e.code(),
+                        401,
+                        start,
+                    );
                     record_simple(shared, "deny", e.code(), 401);
                     return refusal(StatusCode::UNAUTHORIZED, e.code(), &rid);
                 }
@@ -408,15 +536,24 @@ pub async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: &Arc<Shared
             headers: &headers_view,
             identity: Identity {
                 peer: info.peer.as_deref(),
-                jwt: caller.jwt.as_ref().map(|(p, c)| JwtIdentity { provider: p, claims: c }),
-                api_key: caller.api_key.as_ref().map(|(p, c)| ApiKeyIdentity { provider: p, client: c }),
+                jwt: caller.jwt.as_ref().map(|(p, c)| JwtIdentity {
+                    provider: p,
+                    claims: c,
+                }),
+                api_key: caller.api_key.as_ref().map(|(p, c)| ApiKeyIdentity {
+                    provider: p,
+                    client: c,
+                }),
             },
             source_ip: normalize_ip(info.source.ip()),
             now_ms: now_ms(),
         };
         engine.decide(&facts, &shared.quotas, &mut NoTrace)
     };
-    shared.metrics.decision_duration.observe(decided_at.elapsed().as_secs_f64());
+    shared
+        .metrics
+        .decision_duration
+        .observe(decided_at.elapsed().as_secs_f64());
     if authn_would_deny.is_some() {
         decision.would_deny = true;
     }
@@ -424,7 +561,19 @@ pub async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: &Arc<Shared
         let status = StatusCode::from_u16(decision.status).unwrap_or(StatusCode::FORBIDDEN);
         let mut r = refusal(status, decision.reason.code(), &rid);
         rate_limit_headers(r.headers_mut(), &decision);
-        log_decision(shared, &active, &rid, req.method().as_str(), req.uri().path(), info, Some(&decision), "deny", decision.reason.code(), status.as_u16(), start);
+        log_decision(
+            shared,
+            &active,
+            &rid,
+            req.method().as_str(),
+            req.uri().path(),
+            info,
+            Some(&decision),
+            "deny",
+            decision.reason.code(),
+            status.as_u16(),
+            start,
+        );
         record(shared, &decision, status.as_u16());
         return r;
     }
@@ -437,7 +586,19 @@ pub async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: &Arc<Shared
     if let Err((status, code)) = request_checks(&req, &limits) {
         let mut d = decision.clone();
         d.allowed = false;
-        log_decision(shared, &active, &rid, req.method().as_str(), req.uri().path(), info, Some(&d), "deny", code, status.as_u16(), start);
+        log_decision(
+            shared,
+            &active,
+            &rid,
+            req.method().as_str(),
+            req.uri().path(),
+            info,
+            Some(&d),
+            "deny",
+            code,
+            status.as_u16(),
+            start,
+        );
         record_status(shared, "deny", code, status.as_u16());
         return refusal(status, code, &rid);
     }
@@ -446,11 +607,29 @@ pub async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: &Arc<Shared
     let label = decision_label(&decision);
     let reason = authn_would_deny.unwrap_or(decision.reason.code());
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let resp = forward(req, info, &active, port, &caller, &decision, &rid, upstream, &limits, shared).await;
+    let resp = forward(
+        req, info, &active, port, &caller, &decision, &rid, upstream, &limits, shared,
+    )
+    .await;
     let status = resp.status().as_u16();
     record_status_rule(shared, label, reason, status, &decision);
-    log_decision(shared, &active, &rid, method.as_str(), &path, info, Some(&decision), label, reason, status, start);
-    shared.metrics.request_duration.observe(start.elapsed().as_secs_f64());
+    log_decision(
+        shared,
+        &active,
+        &rid,
+        method.as_str(),
+        &path,
+        info,
+        Some(&decision),
+        label,
+        reason,
+        status,
+        start,
+    );
+    shared
+        .metrics
+        .request_duration
+        .observe(start.elapsed().as_secs_f64());
     resp
 }
 
@@ -463,11 +642,22 @@ fn normalize_ip(ip: IpAddr) -> IpAddr {
 
 /// Content type, declared body size and JSON depth (when the body is JSON and a depth limit
 /// is set, the body is read up to the size limit to check it).
-fn request_checks(req: &Request<Incoming>, limits: &apiward_policy::config::RequestLimits) -> Result<(), (StatusCode, &'static str)> {
+fn request_checks(
+    req: &Request<Incoming>,
+    limits: &apiward_policy::config::RequestLimits,
+) -> Result<(), (StatusCode, &'static str)> {
     let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
-        || req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v != "0");
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v != "0");
     if let Some(max) = limits.max_body_bytes {
-        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > max) {
             return Err((StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"));
         }
@@ -477,13 +667,25 @@ fn request_checks(req: &Request<Incoming>, limits: &apiward_policy::config::Requ
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
             .unwrap_or_default();
         let ok = limits.content_types.iter().any(|allowed| {
-            allowed == &ct || allowed.strip_suffix("/*").is_some_and(|prefix| ct.split('/').next() == Some(prefix))
+            allowed == &ct
+                || allowed
+                    .strip_suffix("/*")
+                    .is_some_and(|prefix| ct.split('/').next() == Some(prefix))
         });
         if !ok {
-            return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_content_type"));
+            return Err((
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_content_type",
+            ));
         }
     }
     Ok(())
@@ -492,7 +694,13 @@ fn request_checks(req: &Request<Incoming>, limits: &apiward_policy::config::Requ
 fn is_json(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .is_some_and(|ct| ct == "application/json" || ct.ends_with("+json"))
 }
 
@@ -511,15 +719,27 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
     let grpc = parts.version == Version::HTTP_2
-        && parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"));
+        && parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
     let upgrade = parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
-    let client_upgrade = if upgrade { Some(hyper::upgrade::on(&mut parts_to_request(&mut parts))) } else { None };
+    let client_upgrade = if upgrade {
+        Some(hyper::upgrade::on(parts_to_request(&mut parts)))
+    } else {
+        None
+    };
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if upgrade {
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     if grpc {
-        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
     }
     // Identity headers: remove every incoming copy, then set what was verified.
     let identity_header = active.settings.identity_header.as_str();
@@ -529,12 +749,11 @@ async fn forward(
         if let Some(v) = active.jwt.get(id) {
             for (claim, h) in &v.provider.forward_claims {
                 parts.headers.remove(h.as_str());
-                if let Some((pid, claims)) = &caller.jwt {
-                    if pid == id {
-                        if let Some(val) = apiward_policy::engine::claim_str(claims.get(claim)) {
-                            forwarded.push((h.clone(), val.into_owned()));
-                        }
-                    }
+                if let Some((pid, claims)) = &caller.jwt
+                    && pid == id
+                    && let Some(val) = apiward_policy::engine::claim_str(claims.get(claim))
+                {
+                    forwarded.push((h.clone(), val.into_owned()));
                 }
             }
         }
@@ -543,7 +762,10 @@ async fn forward(
         forwarded.push((identity_header.to_owned(), p));
     }
     for (h, v) in forwarded {
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.as_bytes()), HeaderValue::from_str(&v)) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(h.as_bytes()),
+            HeaderValue::from_str(&v),
+        ) {
             parts.headers.insert(n, v);
         }
     }
@@ -551,48 +773,69 @@ async fn forward(
         parts.headers.insert("x-request-id", v);
     }
     let source = normalize_ip(info.source.ip()).to_string();
-    let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
         Some(prev) => format!("{prev}, {source}"),
         None => source,
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
         parts.headers.insert("x-forwarded-for", v);
     }
-    let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+    let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+    });
     let target = active.settings.inbound.upstream();
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = match format!("http://{target}{pq}").parse() {
         Ok(u) => u,
         Err(_) => return refusal(StatusCode::BAD_REQUEST, "invalid_path", rid),
     };
-    if let Some(a) = authority {
-        if let Ok(v) = HeaderValue::from_str(&a) {
-            parts.headers.insert(header::HOST, v);
-        }
+    if let Some(a) = authority
+        && let Ok(v) = HeaderValue::from_str(&a)
+    {
+        parts.headers.insert(header::HOST, v);
     }
-    parts.version = if grpc { Version::HTTP_2 } else { Version::HTTP_11 };
+    parts.version = if grpc {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
 
     // Body: size-limited while streaming; buffered only to check JSON depth.
     let tripped = Arc::new(AtomicBool::new(false));
     let max_body = limits.max_body_bytes.unwrap_or(u64::MAX);
-    let body: ProxyBody = if let (Some(depth), true) = (limits.max_json_depth, is_json(&parts.headers)) {
-        let cap = max_body.min(active.settings.limits.max_filtered_response_bytes as u64);
-        match LimitedBody::new(body, cap, tripped.clone()).collect().await {
-            Ok(c) => {
-                let bytes = c.to_bytes();
-                if json_depth(&bytes) > depth as usize {
-                    return refusal(StatusCode::BAD_REQUEST, "json_too_deep", rid);
+    let body: ProxyBody =
+        if let (Some(depth), true) = (limits.max_json_depth, is_json(&parts.headers)) {
+            let cap = max_body.min(active.settings.limits.max_filtered_response_bytes as u64);
+            match LimitedBody::new(body, cap, tripped.clone()).collect().await {
+                Ok(c) => {
+                    let bytes = c.to_bytes();
+                    if json_depth(&bytes) > depth as usize {
+                        return refusal(StatusCode::BAD_REQUEST, "json_too_deep", rid);
+                    }
+                    full(bytes)
                 }
-                full(bytes)
+                Err(_) if tripped.load(Ordering::Acquire) => {
+                    return refusal(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", rid);
+                }
+                Err(_) => return refusal(StatusCode::BAD_REQUEST, "body_read_failed", rid),
             }
-            Err(_) if tripped.load(Ordering::Acquire) => return refusal(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", rid),
-            Err(_) => return refusal(StatusCode::BAD_REQUEST, "body_read_failed", rid),
-        }
-    } else {
-        LimitedBody::new(body, max_body, tripped.clone()).boxed()
-    };
+        } else {
+            LimitedBody::new(body, max_body, tripped.clone()).boxed()
+        };
     let out = Request::from_parts(parts, body);
-    let client = if grpc { &upstream.http2 } else { &upstream.http1 };
+    let client = if grpc {
+        &upstream.http2
+    } else {
+        &upstream.http1
+    };
     let call = client.request(out);
     let result = match limits.timeout_ms {
         Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), call).await {
@@ -606,7 +849,8 @@ async fn forward(
         Err(e) => {
             if tripped.load(Ordering::Acquire) {
                 let mut r = refusal(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", rid);
-                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 return r;
             }
             tracing::warn!(request_id = rid, error = %e, "upstream request failed");
@@ -616,7 +860,8 @@ async fn forward(
     if tripped.load(Ordering::Acquire) {
         // The app answered before the body was cut off; the client still sees 413.
         let mut r = refusal(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", rid);
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return r;
     }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -624,7 +869,9 @@ async fn forward(
             let upstream_up = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 if let (Ok(c), Ok(u)) = (client_up.await, upstream_up.await) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
+                            .await;
                 }
             });
         }
@@ -656,18 +903,26 @@ async fn filter_response(
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     let defaults = ["server", "x-powered-by"];
-    for h in port.map(|p| p.response.remove_headers.as_slice()).unwrap_or_default().iter().map(String::as_str).chain(defaults) {
+    for h in port
+        .map(|p| p.response.remove_headers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(String::as_str)
+        .chain(defaults)
+    {
         parts.headers.remove(h);
     }
     if let Ok(v) = HeaderValue::from_str(rid) {
         parts.headers.insert("x-request-id", v);
     }
     if decision.deprecated {
-        parts.headers.insert("deprecation", HeaderValue::from_static("true"));
-        if let Some(s) = decision.sunset_unix {
-            if let Ok(v) = HeaderValue::from_str(&http_date(s)) {
-                parts.headers.insert("sunset", v);
-            }
+        parts
+            .headers
+            .insert("deprecation", HeaderValue::from_static("true"));
+        if let Some(s) = decision.sunset_unix
+            && let Ok(v) = HeaderValue::from_str(&http_date(s))
+        {
+            parts.headers.insert("sunset", v);
         }
     }
     rate_limit_headers(&mut parts.headers, decision);
@@ -679,11 +934,16 @@ async fn filter_response(
             "status": parts.status.as_u16(),
             "requestId": rid,
         });
-        parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        parts.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         parts.headers.remove(header::CONTENT_LENGTH);
         return Response::from_parts(parts, full(problem.to_string()));
     }
-    let fields = response.map(|r| r.remove_fields.as_slice()).unwrap_or_default();
+    let fields = response
+        .map(|r| r.remove_fields.as_slice())
+        .unwrap_or_default();
     if fields.is_empty() || !is_json(&parts.headers) {
         return Response::from_parts(parts, body.map_err(Into::into).boxed());
     }
@@ -711,8 +971,15 @@ fn http_date(unix: i64) -> String {
     let secs = unix.rem_euclid(86_400);
     let (y, m, d) = apiward_policy::time::civil_from_days(days);
     let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
-    let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][(m - 1) as usize];
-    format!("{weekday}, {d:02} {month} {y} {:02}:{:02}:{:02} GMT", secs / 3600, secs % 3600 / 60, secs % 60)
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(m - 1) as usize];
+    format!(
+        "{weekday}, {d:02} {month} {y} {:02}:{:02}:{:02} GMT",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
 }
 
 /// `RateLimit-Policy`, `RateLimit` (IETF draft) and the legacy `X-RateLimit-*`, plus
@@ -726,13 +993,22 @@ fn rate_limit_headers(h: &mut HeaderMap, d: &Decision<'_>) {
             h.insert(name, val);
         }
     };
-    set("ratelimit-policy", format!("\"{}\";q={};w={}", q.quota.name, v.limit, q.window_seconds));
-    set("ratelimit", format!("\"{}\";r={};t={}", q.quota.name, v.remaining, reset));
+    set(
+        "ratelimit-policy",
+        format!("\"{}\";q={};w={}", q.quota.name, v.limit, q.window_seconds),
+    );
+    set(
+        "ratelimit",
+        format!("\"{}\";r={};t={}", q.quota.name, v.remaining, reset),
+    );
     set("x-ratelimit-limit", v.limit.to_string());
     set("x-ratelimit-remaining", v.remaining.to_string());
     set("x-ratelimit-reset", reset.to_string());
     if !v.allowed {
-        set("retry-after", v.retry_after_ms.div_ceil(1000).max(1).to_string());
+        set(
+            "retry-after",
+            v.retry_after_ms.div_ceil(1000).max(1).to_string(),
+        );
     }
 }
 
@@ -740,9 +1016,27 @@ fn record(shared: &Shared, d: &Decision<'_>, status: u16) {
     record_status_rule(shared, decision_label(d), d.reason.code(), status, d);
 }
 
-fn record_status_rule(shared: &Shared, decision: &'static str, reason: &'static str, status: u16, d: &Decision<'_>) {
-    let (policy, rule) = d.rule.map_or((String::new(), String::new()), |r| (r.policy.to_owned(), r.name.to_owned()));
-    shared.metrics.requests.get_or_create(&crate::metrics::RequestLabels { decision, reason, policy, rule, status }).inc();
+fn record_status_rule(
+    shared: &Shared,
+    decision: &'static str,
+    reason: &'static str,
+    status: u16,
+    d: &Decision<'_>,
+) {
+    let (policy, rule) = d.rule.map_or((String::new(), String::new()), |r| {
+        (r.policy.to_owned(), r.name.to_owned())
+    });
+    shared
+        .metrics
+        .requests
+        .get_or_create(&crate::metrics::RequestLabels {
+            decision,
+            reason,
+            policy,
+            rule,
+            status,
+        })
+        .inc();
 }
 
 fn record_status(shared: &Shared, decision: &'static str, reason: &'static str, status: u16) {
@@ -753,7 +1047,13 @@ fn record_simple(shared: &Shared, decision: &'static str, reason: &'static str, 
     shared
         .metrics
         .requests
-        .get_or_create(&crate::metrics::RequestLabels { decision, reason, policy: String::new(), rule: String::new(), status })
+        .get_or_create(&crate::metrics::RequestLabels {
+            decision,
+            reason,
+            policy: String::new(),
+            rule: String::new(),
+            status,
+        })
         .inc();
 }
 
@@ -776,7 +1076,7 @@ fn log_decision(
     if decision == "allow" {
         let f = active.settings.log_allowed_fraction;
         let n = shared.counter.load(Ordering::Relaxed);
-        if f <= 0.0 || (n % (1.0 / f).round().max(1.0) as u64) != 0 {
+        if f <= 0.0 || !n.is_multiple_of((1.0 / f).round().max(1.0) as u64) {
             return;
         }
     }

@@ -67,7 +67,8 @@ fn default_inbound() -> SocketAddr {
 impl Inbound {
     /// The app's address.
     pub fn upstream(&self) -> SocketAddr {
-        self.upstream.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.port)))
+        self.upstream
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.port)))
     }
 }
 
@@ -94,7 +95,9 @@ pub struct Admin {
 
 impl Default for Admin {
     fn default() -> Self {
-        Self { listen: default_admin() }
+        Self {
+            listen: default_admin(),
+        }
     }
 }
 
@@ -199,44 +202,71 @@ pub enum SettingsError {
 impl Settings {
     /// Reads and validates a settings file.
     pub fn load(path: &Path) -> Result<Self, SettingsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
     /// Parses and validates settings text (`path` is only used in messages).
     pub fn parse(path: &Path, text: &str) -> Result<Self, SettingsError> {
-        let value: serde_json::Value = serde_norway::from_str(text)
-            .map_err(|e| SettingsError::Parse { path: path.into(), message: e.to_string() })?;
-        let s: Settings = serde_json::from_value(value)
-            .map_err(|e| SettingsError::Parse { path: path.into(), message: e.to_string() })?;
-        let invalid = |field: &str, message: String| SettingsError::Invalid { path: path.into(), field: field.into(), message };
+        let value: serde_json::Value =
+            serde_norway::from_str(text).map_err(|e| SettingsError::Parse {
+                path: path.into(),
+                message: e.to_string(),
+            })?;
+        let s: Settings = serde_json::from_value(value).map_err(|e| SettingsError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        let invalid = |field: &str, message: String| SettingsError::Invalid {
+            path: path.into(),
+            field: field.into(),
+            message,
+        };
         s.timeouts().map_err(|(f, m)| invalid(f, m))?;
         if let Some(p) = &s.policy {
             if p.api_version != SIDECAR_CONFIG_API_VERSION {
-                return Err(invalid("policy.apiVersion", format!("must be {SIDECAR_CONFIG_API_VERSION}")));
+                return Err(invalid(
+                    "policy.apiVersion",
+                    format!("must be {SIDECAR_CONFIG_API_VERSION}"),
+                ));
             }
             if let Err(e) = apiward_policy::engine::Engine::new(p) {
                 return Err(invalid(&format!("policy.{}", e.field), e.message));
             }
-            let needs_tls = p.ports.iter().any(|pp| pp.mtls != apiward_policy::config::MtlsMode::Disabled)
-                || p.ports.iter().all(|pp| pp.port != s.inbound.port) && p.default_mtls != apiward_policy::config::MtlsMode::Disabled;
+            let needs_tls = p
+                .ports
+                .iter()
+                .any(|pp| pp.mtls != apiward_policy::config::MtlsMode::Disabled)
+                || p.ports.iter().all(|pp| pp.port != s.inbound.port)
+                    && p.default_mtls != apiward_policy::config::MtlsMode::Disabled;
             if needs_tls && s.tls.is_none() {
                 return Err(invalid("tls", "the policy requires mTLS on this port: set tls.certFile, keyFile and clientCaFile".into()));
             }
         }
         if !(0.0..=1.0).contains(&s.log_allowed_fraction) {
-            return Err(invalid("logAllowedFraction", "must be between 0 and 1".into()));
+            return Err(invalid(
+                "logAllowedFraction",
+                "must be between 0 and 1".into(),
+            ));
         }
         Ok(s)
     }
 
     /// The limits' durations.
     pub fn timeouts(&self) -> Result<Timeouts, (&'static str, String)> {
-        let d = |f: &'static str, v: &str| apiward_policy::duration::parse_duration(v).map_err(|e| (f, e.to_string()));
+        let d = |f: &'static str, v: &str| {
+            apiward_policy::duration::parse_duration(v).map_err(|e| (f, e.to_string()))
+        };
         Ok(Timeouts {
             header_read: d("limits.headerReadTimeout", &self.limits.header_read_timeout)?,
             handshake: d("limits.handshakeTimeout", &self.limits.handshake_timeout)?,
-            upstream_idle: d("limits.upstreamIdleTimeout", &self.limits.upstream_idle_timeout)?,
+            upstream_idle: d(
+                "limits.upstreamIdleTimeout",
+                &self.limits.upstream_idle_timeout,
+            )?,
         })
     }
 }

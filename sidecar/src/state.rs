@@ -40,7 +40,9 @@ pub struct Active {
 
 impl std::fmt::Debug for Active {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Active").field("version", &self.version()).finish_non_exhaustive()
+        f.debug_struct("Active")
+            .field("version", &self.version())
+            .finish_non_exhaustive()
     }
 }
 
@@ -69,7 +71,9 @@ pub struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("config_path", &self.config_path).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("config_path", &self.config_path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -89,13 +93,19 @@ impl Shared {
     /// Loads the settings file; on success swaps it in and returns its version. On failure
     /// the previous config keeps serving and the error says why.
     pub fn reload(self: &Arc<Self>) -> Result<String, String> {
-        match load(&self.config_path, self.active.load().as_deref(), &self.jwks_client) {
+        match load(
+            &self.config_path,
+            self.active.load().as_deref(),
+            &self.jwks_client,
+        ) {
             Ok(active) => {
                 let version = active.version().to_owned();
                 for v in active.jwt.values() {
                     tokio::spawn(v.clone().keep_fresh(self.jwks_client.clone(), JWKS_REFRESH));
                 }
-                self.metrics.config_loaded.set(i64::from(active.engine.is_some()));
+                self.metrics
+                    .config_loaded
+                    .set(i64::from(active.engine.is_some()));
                 self.active.store(Some(Arc::new(active)));
                 self.metrics.config_applied.inc();
                 Ok(version)
@@ -110,12 +120,24 @@ impl Shared {
 
 /// Loads and validates a settings file into an [`Active`]. JWT verifiers whose provider
 /// did not change are carried over from `previous`, keeping their keys and token cache.
-pub fn load(path: &Path, previous: Option<&Active>, _client: &Arc<rustls::ClientConfig>) -> Result<Active, String> {
+pub fn load(
+    path: &Path,
+    previous: Option<&Active>,
+    _client: &Arc<rustls::ClientConfig>,
+) -> Result<Active, String> {
     let settings = Settings::load(path).map_err(|e| e.to_string())?;
     let timeouts = settings.timeouts().map_err(|(f, m)| format!("{f}: {m}"))?;
     let config = settings.policy.clone();
-    let engine = config.as_ref().map(Engine::new).transpose().map_err(|e| e.to_string())?;
-    let mode = engine.as_ref().map_or(apiward_policy::config::MtlsMode::Strict, |e| e.mtls(settings.inbound.port));
+    let engine = config
+        .as_ref()
+        .map(Engine::new)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let mode = engine
+        .as_ref()
+        .map_or(apiward_policy::config::MtlsMode::Strict, |e| {
+            e.mtls(settings.inbound.port)
+        });
     let tls = settings
         .tls
         .as_ref()
@@ -126,7 +148,10 @@ pub fn load(path: &Path, previous: Option<&Active>, _client: &Arc<rustls::Client
     let mut api_keys = HashMap::new();
     if let Some(cfg) = &config {
         for p in &cfg.jwt_providers {
-            let reuse = previous.and_then(|a| a.jwt.get(&p.id)).filter(|v| v.same_provider(p)).cloned();
+            let reuse = previous
+                .and_then(|a| a.jwt.get(&p.id))
+                .filter(|v| v.same_provider(p))
+                .cloned();
             let v = match reuse {
                 Some(v) => v,
                 None => Arc::new(JwtVerifier::new(p.clone())?),
@@ -137,5 +162,13 @@ pub fn load(path: &Path, previous: Option<&Active>, _client: &Arc<rustls::Client
             api_keys.insert(p.id.clone(), ApiKeySet::new(p.clone())?);
         }
     }
-    Ok(Active { settings, config, engine, tls, jwt, api_keys, timeouts })
+    Ok(Active {
+        settings,
+        config,
+        engine,
+        tls,
+        jwt,
+        api_keys,
+        timeouts,
+    })
 }

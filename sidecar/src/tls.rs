@@ -28,20 +28,28 @@ fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Tl
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(TlsError(format!("{}: no certificate found", path.display())));
+        return Err(TlsError(format!(
+            "{}: no certificate found",
+            path.display()
+        )));
     }
     Ok(certs)
 }
 
 /// Builds the inbound server config. In Strict mode a client certificate is required; in
 /// Permissive mode it is optional (callers without one are unauthenticated).
-pub fn server_config(files: &TlsFiles, mode: MtlsMode) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(
+    files: &TlsFiles,
+    mode: MtlsMode,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = read_certs(&files.cert_file)?;
     let key = PrivateKeyDer::from_pem_file(&files.key_file)
         .map_err(|e| TlsError(format!("{}: {e}", files.key_file.display())))?;
     let mut roots = RootCertStore::empty();
     for c in read_certs(&files.client_ca_file)? {
-        roots.add(c).map_err(|e| TlsError(format!("{}: {e}", files.client_ca_file.display())))?;
+        roots
+            .add(c)
+            .map_err(|e| TlsError(format!("{}: {e}", files.client_ca_file.display())))?;
     }
     let provider = provider();
     let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
@@ -65,19 +73,25 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let san = parsed.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some((*u).to_owned()),
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
+            Some((*u).to_owned())
+        }
         _ => None,
     })
 }
 
 /// A client config trusting the public web roots plus an optional extra CA file
 /// (for fetching JWKS over HTTPS).
-pub fn client_config(extra_ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+pub fn client_config(
+    extra_ca: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(p) = extra_ca {
         for c in read_certs(p)? {
-            roots.add(c).map_err(|e| TlsError(format!("{}: {e}", p.display())))?;
+            roots
+                .add(c)
+                .map_err(|e| TlsError(format!("{}: {e}", p.display())))?;
         }
     }
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
