@@ -301,8 +301,10 @@ pub async fn authenticate(
             raw.trim()
         };
         token_seen = true;
-        if crate::authn::unverified_issuer(token).as_deref() != Some(v.provider.issuer.as_str()) {
-            continue;
+        match crate::authn::unverified_issuer(token) {
+            None => return Err(AuthnError::Malformed),
+            Some(iss) if iss != v.provider.issuer => continue,
+            Some(_) => {}
         }
         let claims = v.verify(token, now).await?;
         caller.jwt = Some((id.clone(), claims));

@@ -341,6 +341,7 @@ pub enum OnExceed {
     /// Hold the request until it fits, up to `maxDelayMs`; then 429.
     Delay {
         /// Longest wait, in milliseconds.
+        #[serde(rename = "maxDelayMs")]
         max_delay_ms: u64,
     },
 }
