@@ -207,6 +207,13 @@ impl JwtVerifier {
         self.keys.load().as_ref().as_ref().map_or(0, KeySet::len)
     }
 
+    /// Forgets every cached verification (the next use of each token is checked in full).
+    pub fn clear_cache(&self) {
+        if let Ok(mut c) = self.cache.lock() {
+            c.clear();
+        }
+    }
+
     /// Installs a freshly fetched key set.
     pub fn install_keys(&self, ks: KeySet) {
         self.keys.store(Arc::new(Some(ks)));

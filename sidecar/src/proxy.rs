@@ -46,11 +46,12 @@ pub struct ConnInfo {
 pub struct Upstream {
     http1: Client<HttpConnector, ProxyBody>,
     http2: Client<HttpConnector, ProxyBody>,
+    authority: http::uri::Authority,
 }
 
 impl Upstream {
     /// Clients with keep-alive pools.
-    pub fn new(idle: Duration) -> Self {
+    pub fn new(addr: SocketAddr, idle: Duration) -> Self {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.enforce_http(true);
@@ -66,7 +67,15 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(conn);
-        Self { http1, http2 }
+        let authority = addr
+            .to_string()
+            .parse()
+            .expect("a socket address is a valid authority");
+        Self {
+            http1,
+            http2,
+            authority,
+        }
     }
 }
 
@@ -793,9 +802,17 @@ async fn forward(
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned)
     });
-    let target = active.settings.inbound.upstream();
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = match format!("http://{target}{pq}").parse() {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(upstream.authority.clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    parts.uri = match http::Uri::from_parts(uri) {
         Ok(u) => u,
         Err(_) => return refusal(StatusCode::BAD_REQUEST, "invalid_path", rid),
     };

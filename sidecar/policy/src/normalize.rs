@@ -91,7 +91,9 @@ impl NormalizedPath {
     }
 }
 
-/// Normalizes a raw request path (without the query string).
+/// Normalizes a raw request path (without the query string). One pass, one buffer: each
+/// segment is decoded straight into the output, and `..` truncates back to the previous
+/// segment.
 pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
     let bytes = raw.as_bytes();
     if bytes.first() != Some(&b'/') {
@@ -100,11 +102,14 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
     if bytes.len() > MAX_PATH_LEN {
         return Err(PathError::TooLong);
     }
-    // Decode segment by segment into a stack of (decoded segment, was_encoded_dot).
-    let mut out: Vec<String> = Vec::with_capacity(8);
+    let mut text = String::with_capacity(raw.len());
+    let mut segments: Vec<(u32, u32)> = Vec::with_capacity(8);
     let mut trailing_empty = false;
     for raw_seg in raw[1..].split('/') {
-        let mut seg = String::with_capacity(raw_seg.len());
+        // Decode into the buffer after a provisional '/'.
+        let seg_start = text.len();
+        text.push('/');
+        let start = text.len();
         let mut had_encoding = false;
         let sb = raw_seg.as_bytes();
         let mut i = 0;
@@ -125,49 +130,48 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
                         return Err(PathError::EncodedSeparator);
                     }
                     if is_unreserved(v) {
-                        seg.push(v as char);
+                        text.push(v as char);
                     } else {
-                        seg.push('%');
-                        seg.push(char::from(b"0123456789ABCDEF"[usize::from(h)]));
-                        seg.push(char::from(b"0123456789ABCDEF"[usize::from(l)]));
+                        text.push('%');
+                        text.push(char::from(b"0123456789ABCDEF"[usize::from(h)]));
+                        text.push(char::from(b"0123456789ABCDEF"[usize::from(l)]));
                     }
                     i += 3;
                 }
                 b'#' | b'\\' | b'?' => return Err(PathError::ForbiddenChar),
                 0x21..=0x7e => {
-                    seg.push(b as char);
+                    text.push(b as char);
                     i += 1;
                 }
                 _ => return Err(PathError::ForbiddenChar),
             }
         }
-        match seg.as_str() {
+        let seg = &text[start..];
+        match seg {
             "." | ".." if had_encoding => return Err(PathError::EncodedTraversal),
-            "." => trailing_empty = true,
-            ".." => {
-                out.pop();
+            "." | "" => {
+                // Dot segment or duplicate/trailing slash: drop it.
+                text.truncate(seg_start);
                 trailing_empty = true;
             }
-            "" => trailing_empty = true, // duplicate slash (merged) or trailing slash
+            ".." => {
+                text.truncate(seg_start);
+                if let Some((s, _)) = segments.pop() {
+                    text.truncate(s as usize - 1);
+                }
+                trailing_empty = true;
+            }
             _ => {
-                out.push(seg);
+                segments.push((start as u32, text.len() as u32));
                 trailing_empty = false;
             }
         }
-        if out.len() > crate::template::MAX_SEGMENTS * 2 {
+        if segments.len() > crate::template::MAX_SEGMENTS * 2 {
             return Err(PathError::TooLong);
         }
     }
-    let mut text = String::with_capacity(raw.len());
-    let mut segments = Vec::with_capacity(out.len() + 1);
-    for s in &out {
-        text.push('/');
-        let start = text.len() as u32;
-        text.push_str(s);
-        segments.push((start, text.len() as u32));
-    }
     // Keep one trailing slash (it is meaningful to many apps), but only after a segment.
-    if trailing_empty && !out.is_empty() {
+    if trailing_empty && !segments.is_empty() {
         text.push('/');
         let at = text.len() as u32;
         segments.push((at, at));
