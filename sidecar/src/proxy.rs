@@ -593,8 +593,9 @@ pub async fn handle(
     }
 
     // 3. request checks
-    let limits = port.map(|p| p.limits.clone()).unwrap_or_default();
-    if let Err((status, code)) = request_checks(&req, &limits) {
+    let no_limits = apiward_policy::config::RequestLimits::default();
+    let limits = port.map_or(&no_limits, |p| &p.limits);
+    if let Err((status, code)) = request_checks(&req, limits) {
         let mut d = decision.clone();
         d.allowed = false;
         log_decision(
@@ -610,7 +611,7 @@ pub async fn handle(
             status.as_u16(),
             start,
         );
-        record_status(shared, "deny", code, status.as_u16());
+        record_simple(shared, "deny", code, status.as_u16());
         return refusal(status, code, &rid);
     }
 
@@ -619,7 +620,7 @@ pub async fn handle(
     let reason = authn_would_deny.unwrap_or(decision.reason.code());
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let resp = forward(
-        req, info, &active, port, &caller, &decision, &rid, upstream, &limits, shared,
+        req, info, &active, port, &caller, &decision, &rid, upstream, limits, shared,
     )
     .await;
     let status = resp.status().as_u16();
@@ -1056,10 +1057,6 @@ fn record_status_rule(
             status,
         })
         .inc();
-}
-
-fn record_status(shared: &Shared, decision: &'static str, reason: &'static str, status: u16) {
-    record_simple(shared, decision, reason, status);
 }
 
 fn record_simple(shared: &Shared, decision: &'static str, reason: &'static str, status: u16) {
