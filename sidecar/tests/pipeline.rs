@@ -781,17 +781,17 @@ async fn reload_under_load_drops_nothing_and_a_bad_config_is_refused() {
         p["version"] = json!(format!("test-{v}"));
         write_settings(&e.settings, &e.dir, app, &p);
     }
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let ready = reqwest::get(format!("{}/ready", e.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let ready = wait_for(&format!("{}/ready", e.admin), "test-5").await;
     assert!(ready.contains("test-5"), "{ready}");
     // A malformed config is refused on reload; the last good one keeps serving.
     std::fs::write(&e.settings, "{ this is not: [valid").unwrap();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let m = wait_for(
+        &format!("{}/metrics", e.admin),
+        "apiward_sidecar_config_rejected_total 1",
+    )
+    .await;
+    assert!(m.contains("apiward_sidecar_config_rejected_total 1"), "{m}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut bad) = (0, Vec::new());
     for w in workers {
@@ -872,4 +872,16 @@ async fn no_policy_means_every_request_is_refused() {
             .status(),
         503
     );
+}
+
+/// Polls an admin URL until its body contains `needle` (at most 10 s); returns the last body.
+async fn wait_for(url: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = reqwest::get(url).await.unwrap().text().await.unwrap();
+        if body.contains(needle) || Instant::now() > deadline {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
