@@ -24,10 +24,12 @@ pub enum QuotaState {
         /// Theoretical arrival time.
         tat_ms: u64,
     },
-    /// Requests counted in the window starting at `window_start_ms`.
+    /// Requests counted in the window `[window_start_ms, window_end_ms)`.
     Calendar {
         /// Window start, Unix ms.
         window_start_ms: u64,
+        /// Window end, Unix ms (the state says by itself when it stops limiting).
+        window_end_ms: u64,
         /// Requests counted.
         count: u64,
     },
@@ -127,6 +129,7 @@ pub fn acquire(
                 Some(QuotaState::Calendar {
                     window_start_ms,
                     count,
+                    ..
                 }) if window_start_ms == start => count,
                 _ => 0,
             };
@@ -143,6 +146,7 @@ pub fn acquire(
                     },
                     Some(QuotaState::Calendar {
                         window_start_ms: start,
+                        window_end_ms: start + len,
                         count: count + 1,
                     }),
                 )
@@ -158,6 +162,7 @@ pub fn acquire(
                     },
                     Some(QuotaState::Calendar {
                         window_start_ms: start + len,
+                        window_end_ms: start + 2 * len,
                         count: 1,
                     }),
                 )
@@ -178,17 +183,12 @@ pub fn acquire(
     }
 }
 
-/// Whether a stored state no longer limits anything at `now_ms` (safe to forget).
-pub fn is_idle(state: &QuotaState, q: &QuotaConfig, now_ms: u64) -> bool {
-    match (state, q.window) {
-        (QuotaState::Rolling { tat_ms }, _) => *tat_ms <= now_ms,
-        (
-            QuotaState::Calendar {
-                window_start_ms, ..
-            },
-            Window::Calendar(unit),
-        ) => calendar_window(unit, now_ms).0 != *window_start_ms,
-        _ => true,
+/// Whether a stored state no longer limits anything at `now_ms` (safe to forget). Decided
+/// from the state alone, so a store can evict keys of every quota, not only the one asking.
+pub fn is_idle(state: &QuotaState, now_ms: u64) -> bool {
+    match state {
+        QuotaState::Rolling { tat_ms } => *tat_ms <= now_ms,
+        QuotaState::Calendar { window_end_ms, .. } => *window_end_ms <= now_ms,
     }
 }
 
@@ -250,10 +250,7 @@ impl QuotaStore for LocalQuotas {
         let id = (port, index, key.to_owned());
         let prev = map.get(&id).copied();
         if prev.is_none() && map.len() >= self.max_keys {
-            map.retain(|_, s| match s {
-                QuotaState::Rolling { tat_ms } => *tat_ms > now_ms,
-                QuotaState::Calendar { .. } => !is_idle(s, q, now_ms),
-            });
+            map.retain(|_, s| !is_idle(s, now_ms));
             if map.len() >= self.max_keys {
                 return QuotaVerdict {
                     allowed: false,
@@ -387,6 +384,31 @@ mod tests {
             calendar_window(CalendarUnit::Month, ms("2025-02-10T00:00:00Z")).1,
             28 * 86_400_000
         );
+    }
+
+    #[test]
+    fn a_full_store_never_evicts_another_quotas_live_calendar_counter() {
+        let daily = quota(
+            2,
+            86_400_000,
+            0,
+            Window::Calendar(CalendarUnit::Day),
+            OnExceed::Reject,
+        );
+        let rolling = quota(1, 1_000, 0, Window::Rolling, OnExceed::Reject);
+        let store = LocalQuotas::new(2);
+        let noon = parse_rfc3339("2026-03-31T12:00:00Z").unwrap() as u64 * 1000;
+        assert!(store.acquire(80, 0, &daily, "acme", noon).allowed);
+        assert!(store.acquire(80, 0, &daily, "acme", noon).allowed);
+        // A rolling key fills the store; once idle, a new rolling key forces an eviction.
+        store.acquire(80, 1, &rolling, "spray-1", noon);
+        assert!(
+            store
+                .acquire(80, 1, &rolling, "spray-2", noon + 5_000)
+                .allowed
+        );
+        // The daily counter survived: acme is still over its quota.
+        assert!(!store.acquire(80, 0, &daily, "acme", noon + 6_000).allowed);
     }
 
     #[test]
