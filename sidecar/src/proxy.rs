@@ -310,10 +310,14 @@ pub async fn authenticate(
             raw.trim()
         };
         token_seen = true;
-        match crate::authn::unverified_issuer(token) {
-            None => return Err(AuthnError::Malformed),
-            Some(iss) if iss != v.provider.issuer => continue,
-            Some(_) => {}
+        // With several issuers on the port, the unverified `iss` picks the one to verify
+        // with; with one, verification checks `iss` itself and the token is decoded once.
+        if port.jwt_providers.len() > 1 {
+            match crate::authn::unverified_issuer(token) {
+                None => return Err(AuthnError::Malformed),
+                Some(iss) if iss != v.provider.issuer => continue,
+                Some(_) => {}
+            }
         }
         let claims = v.verify(token, now).await?;
         caller.jwt = Some((id.clone(), claims));
@@ -433,15 +437,21 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn principal(info: &ConnInfo, caller: &Caller) -> Option<String> {
-    if let Some((p, c)) = &caller.api_key {
-        return Some(format!("apikey:{p}#{c}"));
+impl Caller {
+    /// The verified facts the engine decides on.
+    fn identity<'a>(&'a self, info: &'a ConnInfo) -> Identity<'a> {
+        Identity {
+            peer: info.peer.as_deref(),
+            jwt: self.jwt.as_ref().map(|(p, c)| JwtIdentity {
+                provider: p,
+                claims: c,
+            }),
+            api_key: self.api_key.as_ref().map(|(p, c)| ApiKeyIdentity {
+                provider: p,
+                client: c,
+            }),
+        }
     }
-    if let Some((p, claims)) = &caller.jwt {
-        let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("");
-        return Some(format!("jwt:{p}|{sub}"));
-    }
-    info.peer.as_deref().map(str::to_owned)
 }
 
 fn decision_label(d: &Decision<'_>) -> &'static str {
@@ -545,17 +555,7 @@ pub async fn handle(
             path: req.uri().path(),
             query: query.as_deref(),
             headers: &headers_view,
-            identity: Identity {
-                peer: info.peer.as_deref(),
-                jwt: caller.jwt.as_ref().map(|(p, c)| JwtIdentity {
-                    provider: p,
-                    claims: c,
-                }),
-                api_key: caller.api_key.as_ref().map(|(p, c)| ApiKeyIdentity {
-                    provider: p,
-                    client: c,
-                }),
-            },
+            identity: caller.identity(info),
             source_ip: normalize_ip(info.source.ip()),
             now_ms: now_ms(),
         };
@@ -770,7 +770,7 @@ async fn forward(
             }
         }
     }
-    if let Some(p) = principal(info, caller) {
+    if let Some(p) = apiward_policy::engine::principal_of(&caller.identity(info)) {
         forwarded.push((identity_header.to_owned(), p));
     }
     for (h, v) in forwarded {

@@ -559,8 +559,9 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<std::borrow::Co
     String::from_utf8(out).ok().map(Into::into)
 }
 
-/// The principal a quota keyed by `principal` counts: SPIFFE ID, `iss|sub`, or API-key client.
-fn principal_of(id: &Identity<'_>) -> Option<String> {
+/// The caller's principal — what quotas keyed by `principal` count and what the app is told:
+/// `apikey:<provider>#<client>`, `jwt:<provider>|<sub>`, or the mTLS SPIFFE ID.
+pub fn principal_of(id: &Identity<'_>) -> Option<String> {
     if let Some(k) = id.api_key {
         return Some(format!("apikey:{}#{}", k.provider, k.client));
     }
