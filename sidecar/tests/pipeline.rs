@@ -84,25 +84,52 @@ struct Env {
 }
 
 fn write_settings(path: &Path, dir: &Path, app: std::net::SocketAddr, policy: &Value) {
-    let s = json!({
+    write_settings_with(path, dir, app, policy, |_| {});
+}
+
+fn write_settings_with(
+    path: &Path,
+    dir: &Path,
+    app: std::net::SocketAddr,
+    policy: &Value,
+    extra: impl FnOnce(&mut Value),
+) {
+    let mut s = json!({
         "inbound": {"listen": "127.0.0.1:0", "port": app.port(), "upstream": app.to_string()},
         "admin": {"listen": "127.0.0.1:0"},
         "tls": {"certFile": dir.join("server.crt"), "keyFile": dir.join("server.key"), "clientCaFile": dir.join("ca.crt")},
         "policy": policy,
     });
+    extra(&mut s);
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(&s).unwrap()).unwrap();
     std::fs::rename(tmp, path).unwrap();
 }
 
 async fn env(name: &str, extra: impl FnOnce(&mut Value)) -> Env {
+    env_with(name, extra, |_| {}).await
+}
+
+/// A sidecar whose policy and settings file are changed by `policy_extra` and
+/// `settings_extra`.
+async fn env_with(
+    name: &str,
+    policy_extra: impl FnOnce(&mut Value),
+    settings_extra: impl FnOnce(&mut Value),
+) -> Env {
     let dir = tempdir(name);
     let pki = Pki::new(&dir);
     let signer = Signer::new("k1");
     let (app, app_hits) = start_app().await;
     let jwks = json!({"inline": Signer::jwks(&[&signer])});
     let settings = dir.join("sidecar.json");
-    write_settings(&settings, &dir, app, &policy(app.port(), &jwks, extra));
+    write_settings_with(
+        &settings,
+        &dir,
+        app,
+        &policy(app.port(), &jwks, policy_extra),
+        settings_extra,
+    );
     let (_shared, bound) = apiward_sidecar::start(&settings)
         .await
         .expect("sidecar starts");
@@ -884,4 +911,174 @@ async fn wait_for(url: &str, needle: &str) -> String {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Adds a rule for corp JWT holders (scope `stream`) on the WebSocket and gRPC paths.
+fn streaming_rule(p: &mut Value) {
+    p["ports"][0]["rules"].as_array_mut().unwrap().push(json!(
+        {"policy": POLICY, "name": "streams", "action": "Allow",
+         "from": [{"jwt": {"provider": "shop/users-api/corp", "claims": {"scope": "stream"}}}],
+         "to": [{"methods": ["GET"], "paths": ["/ws"]}, {"methods": ["POST"], "paths": ["/grpc.Echo/Say"]}]}
+    ));
+    p["ports"][0]["limits"]["contentTypes"] = json!(["application/json", "application/grpc"]);
+}
+
+/// Reads an HTTP/1.1 response head from a raw stream.
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut b).await.unwrap(),
+            1,
+            "connection closed mid-head"
+        );
+        head.push(b[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_decided_first_then_tunnelled() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = env("websocket", streaming_rule).await;
+    let addr = format!("127.0.0.1:{}", e.base.rsplit(':').next().unwrap());
+    let handshake = |auth: Option<String>| {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: users\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{}\r\n",
+            auth.map(|a| format!("Authorization: {a}\r\n"))
+                .unwrap_or_default()
+        )
+    };
+    // No credentials: refused before the app sees it, and nothing is tunnelled.
+    let before = e.app_hits.load(Ordering::SeqCst);
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(handshake(None).as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert_eq!(e.app_hits.load(Ordering::SeqCst), before);
+    // A token without the stream scope: 403.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let wrong = e.bearer(json!({"sub": "42", "scope": "profile"}));
+    s.write_all(handshake(Some(wrong)).as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 403"));
+    // Allowed: 101, then bytes flow both ways through the sidecar.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let ok = e.bearer(json!({"sub": "42", "scope": "stream"}));
+    s.write_all(handshake(Some(ok)).as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for msg in [&b"\x81\x05hello"[..], &[0x82, 3, 1, 2, 3]] {
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .expect("echo arrives")
+            .unwrap();
+        assert_eq!(back, msg);
+    }
+}
+
+#[tokio::test]
+async fn grpc_passes_through_over_http2_with_its_trailers() {
+    use http_body_util::{BodyExt, Full};
+    let e = env("grpc", streaming_rule).await;
+    let port = e.base.rsplit(':').next().unwrap().to_owned();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<bytes::Bytes>>();
+    let call = |auth: String| {
+        // One length-prefixed gRPC message: uncompressed, 5 bytes.
+        let msg = bytes::Bytes::from_static(b"\x00\x00\x00\x00\x05hello");
+        let req = http::Request::post(format!("http://127.0.0.1:{port}/grpc.Echo/Say"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("authorization", auth)
+            .body(Full::new(msg))
+            .unwrap();
+        client.request(req)
+    };
+    let r = call(e.bearer(json!({"sub": "42", "scope": "stream"})))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    assert_eq!(r.headers()["content-type"], "application/grpc");
+    let collected = r.into_body().collect().await.unwrap();
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers reach the client");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "echoed 10 bytes");
+    assert_eq!(&collected.to_bytes()[..], b"\x00\x00\x00\x00\x05hello");
+    // The wrong scope is refused by the sidecar, not by the app.
+    let before = e.app_hits.load(Ordering::SeqCst);
+    let r = call(e.bearer(json!({"sub": "42", "scope": "profile"})))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(e.app_hits.load(Ordering::SeqCst), before);
+}
+
+#[tokio::test]
+async fn slowloris_connections_are_closed_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = env_with(
+        "slowloris",
+        |_| {},
+        |s| s["limits"] = json!({"headerReadTimeout": "1s", "handshakeTimeout": "1s"}),
+    )
+    .await;
+    let addr = format!("127.0.0.1:{}", e.base.rsplit(':').next().unwrap());
+    let before = e.app_hits.load(Ordering::SeqCst);
+    // 20 connections trickle a request head one byte every 100 ms; 5 more send nothing.
+    let mut slow = Vec::new();
+    for i in 0..25 {
+        let addr = addr.clone();
+        slow.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            if i < 20 {
+                s.write_all(b"GET /orders HTTP/1.1\r\nHost: users\r\n")
+                    .await
+                    .unwrap();
+                for b in b"X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n" {
+                    if s.write_all(&[*b]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            // The sidecar ends the connection: EOF or a reset, perhaps after a 408.
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut buf)).await;
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            (start.elapsed(), text)
+        }));
+    }
+    // Meanwhile a well-behaved caller is served.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        e.get(&e.checkout(false), "/orders", None).await.status(),
+        200
+    );
+    for h in slow {
+        let (took, text) = h.await.unwrap();
+        assert!(
+            took < Duration::from_secs(5),
+            "a slow connection was held for {took:?} (timeout 1s)"
+        );
+        assert!(!text.contains(" 200 "), "a slow request was served: {text}");
+    }
+    assert_eq!(
+        e.app_hits.load(Ordering::SeqCst),
+        before + 1,
+        "only the well-behaved request reached the app"
+    );
 }

@@ -170,6 +170,12 @@ pub async fn start_app() -> (SocketAddr, Arc<AtomicUsize>) {
                         let h = h.clone();
                         async move {
                             h.fetch_add(1, Ordering::SeqCst);
+                            if req.uri().path() == "/ws" {
+                                return Ok(websocket_echo(req));
+                            }
+                            if req.uri().path().starts_with("/grpc.") {
+                                return Ok(grpc_echo(req).await);
+                            }
                             let (parts, body) = req.into_parts();
                             let body = body
                                 .collect()
@@ -195,7 +201,7 @@ pub async fn start_app() -> (SocketAddr, Arc<AtomicUsize>) {
                             } else {
                                 (200, "application/json", serde_json::json!({"path": path, "method": parts.method.as_str(), "bodyBytes": body.len(), "headers": headers}).to_string())
                             };
-                            let mut r = http::Response::new(Full::new(Bytes::from(out)));
+                            let mut r = http::Response::new(Full::new(Bytes::from(out)).boxed());
                             *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
                             r.headers_mut().insert("content-type", ct.parse().unwrap());
                             r.headers_mut().insert("server", "app/1.0".parse().unwrap());
@@ -206,12 +212,56 @@ pub async fn start_app() -> (SocketAddr, Arc<AtomicUsize>) {
                     },
                 );
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                     .await;
             });
         }
     });
     (addr, hits)
+}
+
+type AppBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// `GET /ws` with `Upgrade: websocket`: 101, then every byte received is echoed back.
+fn websocket_echo(mut req: http::Request<hyper::body::Incoming>) -> http::Response<AppBody> {
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(up) = on_upgrade.await {
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let mut r = http::Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut()
+        .insert("upgrade", "websocket".parse().unwrap());
+    r.headers_mut()
+        .insert("connection", "upgrade".parse().unwrap());
+    r
+}
+
+/// `POST /grpc.*`: a unary gRPC echo. The body comes back as it was sent, followed by the
+/// trailers `grpc-status: 0` and `grpc-message: echoed <n> bytes`.
+async fn grpc_echo(req: http::Request<hyper::body::Incoming>) -> http::Response<AppBody> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    trailers.insert(
+        "grpc-message",
+        format!("echoed {} bytes", body.len()).parse().unwrap(),
+    );
+    let body = Full::new(body)
+        .with_trailers(async move { Some(Ok(trailers)) })
+        .boxed();
+    let mut r = http::Response::new(body);
+    r.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    r
 }
 
 pub fn tempdir(name: &str) -> PathBuf {
