@@ -8,6 +8,7 @@ ROOT=$(pwd); PEERS=$ROOT/../shared/bench/peers; OUT=${OUT:-/tmp/apiward-full-pip
 BIN=$ROOT/target/release/apiward-sidecar
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
 DUR=${DUR:-15s}; RATE=${RATE:-2000}
+mkdir -p "$PEERS/run" "$PEERS/logs"
 [ -x "$BIN" ] || cargo build --release -p apiward-sidecar
 python3 "$ROOT/sidecar/benches/full_pipeline_config.py" "$ROOT" "$OUT"   # writes $OUT/full.yaml and $OUT/token
 TOKEN=$(cat "$OUT/token")

@@ -186,3 +186,46 @@ mod tests {
         );
     }
 }
+
+/// A response body that holds a slot of the upstream connection limit until it ends
+/// (or is dropped), so the slot frees up when the connection goes back to the pool.
+#[derive(Debug)]
+pub struct HeldBody<B> {
+    inner: B,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<B> HeldBody<B> {
+    /// Wraps `inner`, releasing `permit` at the end of the stream.
+    pub fn new(inner: B, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        Self { inner, permit }
+    }
+}
+
+impl<B> Body for HeldBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || self.inner.is_end_stream() {
+            self.permit = None;
+        }
+        polled.map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

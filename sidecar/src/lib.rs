@@ -55,7 +55,12 @@ pub async fn start(config: &Path) -> anyhow::Result<(Arc<state::Shared>, Bound)>
         admin: admin.local_addr()?,
     };
     tracing::info!(config = %config.display(), version, inbound = %bound.inbound, admin = %bound.admin, upstream = %first.inbound.upstream(), "apiward-sidecar serving");
-    let upstream = proxy::Upstream::new(first.inbound.upstream(), timeouts.upstream_idle);
+    let upstream = proxy::Upstream::new(
+        first.inbound.upstream(),
+        timeouts.upstream_idle,
+        first.limits.max_upstream_connections,
+        shared.clone(),
+    );
     tokio::spawn(proxy::serve_inbound(inbound, shared.clone(), upstream));
     tokio::spawn(admin::serve_admin(admin, shared.clone()));
     tokio::spawn(watch(shared.clone(), config.to_owned()));

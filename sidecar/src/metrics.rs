@@ -58,6 +58,8 @@ pub struct Metrics {
     pub config_loaded: Gauge,
     /// Open inbound connections.
     pub connections: Gauge,
+    /// Requests waiting for a free connection to the app (`limits.maxUpstreamConnections`).
+    pub upstream_waiting: Gauge,
     /// Inbound connections refused at the TLS or mTLS-mode check.
     pub handshake_failures: Family<ReasonLabels, Counter>,
     /// JWKS keys held per provider.
@@ -125,6 +127,12 @@ impl Metrics {
             "Open inbound connections",
             connections.clone(),
         );
+        let upstream_waiting = Gauge::default();
+        registry.register(
+            "upstream_waiting",
+            "Requests waiting for a free connection to the app",
+            upstream_waiting.clone(),
+        );
         let handshake_failures = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "handshake_failures",
@@ -149,6 +157,7 @@ impl Metrics {
             config_rejected,
             config_loaded,
             connections,
+            upstream_waiting,
             handshake_failures,
             jwks_keys,
             quota_keys,

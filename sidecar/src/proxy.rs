@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::authn::AuthnError;
-use crate::body::{LimitedBody, ProxyBody, full, json_depth, remove_pointer};
+use crate::body::{HeldBody, LimitedBody, ProxyBody, full, json_depth, remove_pointer};
 use crate::state::{Active, Shared};
 
 /// What is known about a connection.
@@ -47,17 +47,21 @@ pub struct Upstream {
     http1: Client<HttpConnector, ProxyBody>,
     http2: Client<HttpConnector, ProxyBody>,
     authority: http::uri::Authority,
+    /// One permit per HTTP/1.1 request in flight (and so per connection to the app).
+    slots: Arc<tokio::sync::Semaphore>,
+    shared: Arc<Shared>,
 }
 
 impl Upstream {
-    /// Clients with keep-alive pools.
-    pub fn new(addr: SocketAddr, idle: Duration) -> Self {
+    /// Clients with keep-alive pools; at most `max_http1` HTTP/1.1 requests (and so
+    /// connections) to the app at once.
+    pub fn new(addr: SocketAddr, idle: Duration, max_http1: usize, shared: Arc<Shared>) -> Self {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.enforce_http(true);
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle)
-            .pool_max_idle_per_host(1024)
+            .pool_max_idle_per_host(max_http1)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(conn.clone());
@@ -75,7 +79,21 @@ impl Upstream {
             http1,
             http2,
             authority,
+            slots: Arc::new(tokio::sync::Semaphore::new(max_http1.max(1))),
+            shared,
         }
+    }
+
+    /// A slot for one HTTP/1.1 request, waiting (and counted as waiting) when all are taken.
+    async fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        let waiting = &self.shared.metrics.upstream_waiting;
+        waiting.inc();
+        let p = self.slots.clone().acquire_owned().await.ok();
+        waiting.dec();
+        p
     }
 }
 
@@ -166,8 +184,14 @@ async fn handle_connection(
                 .and_then(crate::tls::spiffe_id)
                 .map(Arc::from);
             drop(active);
+            let proto = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                Proto::Http2
+            } else {
+                Proto::Http1
+            };
             serve_http(
                 stream,
+                proto,
                 ConnInfo {
                     peer,
                     source,
@@ -182,6 +206,7 @@ async fn handle_connection(
             drop(active);
             serve_http(
                 tcp,
+                Proto::Detect,
                 ConnInfo {
                     peer: None,
                     source,
@@ -195,8 +220,27 @@ async fn handle_connection(
     }
 }
 
-async fn serve_http<IO>(io: IO, info: ConnInfo, shared: &Arc<Shared>, upstream: Upstream)
-where
+/// How a connection's HTTP version is known.
+#[derive(Debug, Clone, Copy)]
+enum Proto {
+    /// TLS negotiated `http/1.1` (or nothing) by ALPN.
+    Http1,
+    /// TLS negotiated `h2` by ALPN.
+    Http2,
+    /// Plaintext: HTTP/1.1, or HTTP/2 with prior knowledge, told apart by the preface.
+    Detect,
+}
+
+/// Serves HTTP on a connection. The common case, HTTP/1.1, runs inline; HTTP/2 and
+/// version detection are boxed so that every HTTP/1.1 connection task stays small
+/// (their state machines are several kilobytes larger).
+async fn serve_http<IO>(
+    io: IO,
+    proto: Proto,
+    info: ConnInfo,
+    shared: &Arc<Shared>,
+    upstream: Upstream,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (header_timeout, streams, max_header) =
@@ -217,20 +261,47 @@ where
         let (info, shared, upstream) = (info.clone(), shared2.clone(), upstream.clone());
         async move { Ok::<_, Infallible>(handle(req, &info, &shared, &upstream).await) }
     });
-    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .max_buf_size(max_header.max(8192) + 8192);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(streams)
-        .max_header_list_size(max_header as u32)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    if let Err(e) = b
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .await
-    {
+    // The same HTTP/2 limits on both builders (hyper's and hyper-util's types differ).
+    macro_rules! h2_limits {
+        ($b:expr) => {
+            $b.timer(TokioTimer::new())
+                .max_concurrent_streams(streams)
+                .max_header_list_size(max_header as u32)
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                // Rapid-reset floods (CVE-2023-44487): cap resets the peer and we cause.
+                .max_pending_accept_reset_streams(Some(20))
+                .max_local_error_reset_streams(Some(1024))
+        };
+    }
+    let io = TokioIo::new(io);
+    let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match proto {
+        Proto::Http1 => hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(max_header.max(8192))
+            .serve_connection(io, svc)
+            .with_upgrades()
+            .await
+            .map_err(Into::into),
+        Proto::Http2 => {
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            h2_limits!(b);
+            Box::pin(b.serve_connection(io, svc))
+                .await
+                .map_err(Into::into)
+        }
+        Proto::Detect => {
+            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(max_header.max(8192));
+            let mut h2 = b.http2();
+            h2_limits!(h2);
+            Box::pin(b.serve_connection_with_upgrades(io, svc)).await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }
@@ -856,8 +927,12 @@ async fn forward(
     } else {
         &upstream.http1
     };
-    let call = client.request(out);
-    let result = match limits.timeout_ms {
+    let call = async {
+        // HTTP/2 multiplexes one connection; HTTP/1.1 takes a slot until its response ends.
+        let slot = if grpc { None } else { upstream.slot().await };
+        (client.request(out).await, slot)
+    };
+    let (result, slot) = match limits.timeout_ms {
         Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), call).await {
             Ok(r) => r,
             Err(_) => return refusal(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", rid),
@@ -899,7 +974,7 @@ async fn forward(
         rp.headers.remove("server");
         return Response::from_parts(rp, full(Bytes::new()));
     }
-    filter_response(resp, port, decision, rid, active, shared).await
+    filter_response(resp, slot, port, decision, rid, active, shared).await
 }
 
 /// Builds a throwaway request around the parts so hyper can register the upgrade
@@ -914,6 +989,7 @@ fn parts_to_request(parts: &mut http::request::Parts) -> Request<()> {
 /// and adds deprecation and rate-limit headers.
 async fn filter_response(
     resp: Response<Incoming>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
     port: Option<&PortPolicy>,
     decision: &Decision<'_>,
     rid: &str,
@@ -965,7 +1041,7 @@ async fn filter_response(
         .map(|r| r.remove_fields.as_slice())
         .unwrap_or_default();
     if fields.is_empty() || !is_json(&parts.headers) {
-        return Response::from_parts(parts, body.map_err(Into::into).boxed());
+        return Response::from_parts(parts, HeldBody::new(body, slot).boxed());
     }
     let cap = active.settings.limits.max_filtered_response_bytes;
     let bytes = match http_body_util::Limited::new(body, cap).collect().await {

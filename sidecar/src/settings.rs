@@ -121,6 +121,11 @@ pub struct Limits {
     /// Idle keep-alive connections to the app are closed after this.
     #[serde(default = "default_idle")]
     pub upstream_idle_timeout: String,
+    /// Most HTTP/1.1 requests in flight to the app, and so most connections to it; more
+    /// requests wait for one to finish (within their timeout). Bounds the sidecar's memory
+    /// when many callers arrive at once.
+    #[serde(default = "default_upstream_connections")]
+    pub max_upstream_connections: usize,
     /// Most concurrent HTTP/2 streams per connection.
     #[serde(default = "default_streams")]
     pub max_concurrent_streams: u32,
@@ -134,6 +139,9 @@ pub struct Limits {
 
 fn default_max_connections() -> usize {
     20_000
+}
+fn default_upstream_connections() -> usize {
+    256
 }
 fn default_header_timeout() -> String {
     "10s".into()

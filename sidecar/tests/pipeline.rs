@@ -1082,3 +1082,35 @@ async fn slowloris_connections_are_closed_and_others_are_served() {
         "only the well-behaved request reached the app"
     );
 }
+
+#[tokio::test]
+async fn requests_beyond_the_upstream_connection_limit_wait_instead_of_failing() {
+    let e = env_with(
+        "upstream-cap",
+        |p| {
+            p["ports"][0]["rules"][1]["to"][0]["paths"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!("/slow"))
+        },
+        |s| s["limits"] = json!({"maxUpstreamConnections": 2}),
+    )
+    .await;
+    let c = e.checkout(false);
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let (c, url) = (c.clone(), format!("{}/slow", e.base));
+            tokio::spawn(async move {
+                let r = c.get(url).send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut most = 0;
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        most = most.max(body["inFlight"].as_u64().unwrap());
+    }
+    assert!(most <= 2, "the app saw {most} requests at once (limit 2)");
+}

@@ -160,16 +160,27 @@ pub async fn start_app() -> (SocketAddr, Arc<AtomicUsize>) {
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let h = hits.clone();
+    let in_flight = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
-            let h = h.clone();
+            let (h, in_flight) = (h.clone(), in_flight.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: http::Request<hyper::body::Incoming>| {
-                        let h = h.clone();
+                        let (h, in_flight) = (h.clone(), in_flight.clone());
                         async move {
                             h.fetch_add(1, Ordering::SeqCst);
+                            if req.uri().path() == "/slow" {
+                                // Reports how many requests the app had in flight at once.
+                                let n = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                                in_flight.fetch_sub(1, Ordering::SeqCst);
+                                let body = serde_json::json!({"inFlight": n}).to_string();
+                                return Ok(http::Response::new(
+                                    Full::new(Bytes::from(body)).boxed(),
+                                ));
+                            }
                             if req.uri().path() == "/ws" {
                                 return Ok(websocket_echo(req));
                             }
