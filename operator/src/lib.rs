@@ -7,4 +7,6 @@
 
 pub mod cli;
 pub mod compile;
+pub mod identity;
 pub mod load;
+pub mod serve;

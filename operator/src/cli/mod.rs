@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod check;
 mod explain;
+mod local;
 pub mod scenario;
 
 /// apiward: API security in the mesh.
@@ -26,6 +27,8 @@ enum Command {
     Explain(explain::ExplainArgs),
     /// Print the ApiPolicy CustomResourceDefinition (YAML).
     Crds,
+    /// The control plane without a cluster (local CA and tokens).
+    Local(local::LocalArgs),
 }
 
 /// Output format.
@@ -69,6 +72,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Check(args) => check::run(&args),
         Command::Explain(args) => explain::run(&args),
+        Command::Local(args) => local::run(args),
         Command::Crds => {
             print!("{}", apiward_crds::crd_yaml());
             ExitCode::SUCCESS
