@@ -47,6 +47,17 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "text/plain", "live\n".into()),
         "/ready" => match active.as_deref() {
+            _ if shared
+                .identity
+                .as_ref()
+                .is_some_and(|i| i.current().is_none()) =>
+            {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: no mesh certificate yet\n".into(),
+                )
+            }
             Some(a) if a.engine.is_some() => text(
                 StatusCode::OK,
                 "text/plain",

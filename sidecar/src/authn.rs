@@ -413,58 +413,13 @@ impl JwtVerifier {
 
 /// GETs a JWKS document over HTTPS (or HTTP for `http://` URLs), at most 1 MiB, 5 s.
 pub async fn fetch(uri: &str, tls: &Arc<rustls::ClientConfig>) -> Result<String, String> {
-    use http_body_util::{BodyExt, Empty, Limited};
-    let parsed: http::Uri = uri.parse().map_err(|e| format!("bad JWKS URI: {e}"))?;
-    let host = parsed.host().ok_or("JWKS URI has no host")?.to_owned();
-    let https = parsed.scheme_str() == Some("https");
-    let port = parsed.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let path = parsed
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let work = async {
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let req = http::Request::get(path)
-            .header(http::header::HOST, host.as_str())
-            .header(http::header::ACCEPT, "application/json")
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let resp = if https {
-            let name =
-                rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
-            let stream = tokio_rustls::TlsConnector::from(tls.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| e.to_string())?;
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            tokio::spawn(conn);
-            send.send_request(req).await.map_err(|e| e.to_string())?
-        } else {
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            tokio::spawn(conn);
-            send.send_request(req).await.map_err(|e| e.to_string())?
-        };
-        if !resp.status().is_success() {
-            return Err(format!("JWKS endpoint answered {}", resp.status()));
-        }
-        let body = Limited::new(resp.into_body(), 1 << 20)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        String::from_utf8(body.to_vec()).map_err(|e| e.to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(5), work)
+    let (status, body) = crate::client::call(uri, None, tls, 1 << 20, Duration::from_secs(5))
         .await
-        .map_err(|_| "JWKS fetch timed out".to_string())?
+        .map_err(|e| format!("JWKS fetch: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("JWKS endpoint answered {status}"));
+    }
+    String::from_utf8(body.to_vec()).map_err(|e| e.to_string())
 }
 
 /// One API-key provider, ready to check presented keys.

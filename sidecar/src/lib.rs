@@ -15,6 +15,8 @@
 pub mod admin;
 pub mod authn;
 pub mod body;
+pub mod client;
+pub mod identity;
 pub mod metrics;
 pub mod proxy;
 pub mod settings;
@@ -39,7 +41,11 @@ pub struct Bound {
 pub async fn start(config: &Path) -> anyhow::Result<(Arc<state::Shared>, Bound)> {
     let first = settings::Settings::load(config)?;
     let jwks_client = tls::client_config(first.jwks_ca_file.as_deref())?;
-    let shared = Arc::new(state::Shared::new(config, jwks_client));
+    let mut shared = state::Shared::new(config, jwks_client);
+    if first.identity.is_some() {
+        shared.identity = Some(Arc::new(identity::WorkloadIdentity::default()));
+    }
+    let shared = Arc::new(shared);
     let version = shared.reload().map_err(|e| anyhow::anyhow!(e))?;
     let timeouts = first
         .timeouts()
@@ -64,6 +70,9 @@ pub async fn start(config: &Path) -> anyhow::Result<(Arc<state::Shared>, Bound)>
     tokio::spawn(proxy::serve_inbound(inbound, shared.clone(), upstream));
     tokio::spawn(admin::serve_admin(admin, shared.clone()));
     tokio::spawn(watch(shared.clone(), config.to_owned()));
+    if let (Some(id), Some(s)) = (&shared.identity, first.identity.clone()) {
+        tokio::spawn(identity::keep_renewed(shared.clone(), id.clone(), s));
+    }
     Ok((shared, bound))
 }
 

@@ -58,6 +58,12 @@ pub struct Metrics {
     pub config_loaded: Gauge,
     /// Open inbound connections.
     pub connections: Gauge,
+    /// Expiry of the mesh certificate in force, Unix seconds.
+    pub identity_expiry: Gauge,
+    /// Mesh certificates received.
+    pub identity_renewals: Counter,
+    /// Failed certificate requests.
+    pub identity_failures: Counter,
     /// Requests waiting for a free connection to the app (`limits.maxUpstreamConnections`).
     pub upstream_waiting: Gauge,
     /// Inbound connections refused at the TLS or mTLS-mode check.
@@ -127,6 +133,24 @@ impl Metrics {
             "Open inbound connections",
             connections.clone(),
         );
+        let identity_expiry = Gauge::default();
+        registry.register(
+            "identity_certificate_expiry_seconds",
+            "Expiry of the mesh certificate in force (Unix time)",
+            identity_expiry.clone(),
+        );
+        let identity_renewals = Counter::default();
+        registry.register(
+            "identity_certificates",
+            "Mesh certificates received",
+            identity_renewals.clone(),
+        );
+        let identity_failures = Counter::default();
+        registry.register(
+            "identity_failures",
+            "Failed mesh certificate requests",
+            identity_failures.clone(),
+        );
         let upstream_waiting = Gauge::default();
         registry.register(
             "upstream_waiting",
@@ -158,6 +182,9 @@ impl Metrics {
             config_loaded,
             connections,
             upstream_waiting,
+            identity_expiry,
+            identity_renewals,
+            identity_failures,
             handshake_failures,
             jwks_keys,
             quota_keys,

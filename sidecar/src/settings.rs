@@ -22,6 +22,9 @@ pub struct Settings {
     /// TLS for the inbound listener. Required unless every port's mTLS mode is Disabled.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+    /// A mesh identity issued by the operator instead of (or before) certificate files.
+    #[serde(default)]
+    pub identity: Option<crate::identity::IdentitySettings>,
     /// The admin listener (`/live`, `/ready`, `/metrics`, `/config_dump`).
     #[serde(default)]
     pub admin: Admin,
@@ -250,8 +253,8 @@ impl Settings {
                 .any(|pp| pp.mtls != apiward_policy::config::MtlsMode::Disabled)
                 || p.ports.iter().all(|pp| pp.port != s.inbound.port)
                     && p.default_mtls != apiward_policy::config::MtlsMode::Disabled;
-            if needs_tls && s.tls.is_none() {
-                return Err(invalid("tls", "the policy requires mTLS on this port: set tls.certFile, keyFile and clientCaFile".into()));
+            if needs_tls && s.tls.is_none() && s.identity.is_none() {
+                return Err(invalid("tls", "the policy requires mTLS on this port: set tls (certFile, keyFile, clientCaFile) or identity".into()));
             }
         }
         if !(0.0..=1.0).contains(&s.log_allowed_fraction) {

@@ -67,6 +67,8 @@ pub struct Shared {
     pub config_path: PathBuf,
     /// Requests seen (for sampling the decision log and request ids).
     pub counter: std::sync::atomic::AtomicU64,
+    /// The issued mesh identity, when the settings ask for one.
+    pub identity: Option<Arc<crate::identity::WorkloadIdentity>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -87,6 +89,7 @@ impl Shared {
             jwks_client,
             config_path: config_path.to_owned(),
             counter: Default::default(),
+            identity: None,
         }
     }
 
@@ -96,7 +99,7 @@ impl Shared {
         match load(
             &self.config_path,
             self.active.load().as_deref(),
-            &self.jwks_client,
+            self.identity.as_ref(),
         ) {
             Ok(active) => {
                 let version = active.version().to_owned();
@@ -123,7 +126,7 @@ impl Shared {
 pub fn load(
     path: &Path,
     previous: Option<&Active>,
-    _client: &Arc<rustls::ClientConfig>,
+    identity: Option<&Arc<crate::identity::WorkloadIdentity>>,
 ) -> Result<Active, String> {
     let settings = Settings::load(path).map_err(|e| e.to_string())?;
     let timeouts = settings.timeouts().map_err(|(f, m)| format!("{f}: {m}"))?;
@@ -138,12 +141,18 @@ pub fn load(
         .map_or(apiward_policy::config::MtlsMode::Strict, |e| {
             e.mtls(settings.inbound.port)
         });
-    let tls = settings
-        .tls
-        .as_ref()
-        .map(|f| crate::tls::server_config(f, mode))
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    // An issued identity wins over files; until it arrives, no TLS (and not ready).
+    let tls = match (identity, &settings.tls) {
+        (Some(id), _) if settings.identity.is_some() => id
+            .current()
+            .map(|issued| {
+                crate::tls::server_config_identity(id.clone(), issued.roots.clone(), mode)
+            })
+            .transpose(),
+        (_, Some(f)) => crate::tls::server_config(f, mode).map(Some),
+        _ => Ok(None),
+    }
+    .map_err(|e| e.to_string())?;
     let mut jwt = HashMap::new();
     let mut api_keys = HashMap::new();
     if let Some(cfg) = &config {

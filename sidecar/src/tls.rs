@@ -51,8 +51,32 @@ pub fn server_config(
             .add(c)
             .map_err(|e| TlsError(format!("{}: {e}", files.client_ca_file.display())))?;
     }
+    let key = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError(format!("{}: {e}", files.key_file.display())))?;
+    let resolver =
+        rustls::sign::SingleCertAndKey::from(rustls::sign::CertifiedKey::new(certs, key));
+    build_server_config(Arc::new(resolver), Arc::new(roots), mode)
+}
+
+/// The inbound server config with the operator-issued identity: handshakes present the
+/// certificate in force at that moment, so renewals need no new config.
+pub fn server_config_identity(
+    identity: Arc<crate::identity::WorkloadIdentity>,
+    roots: Arc<RootCertStore>,
+    mode: MtlsMode,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    build_server_config(identity, roots, mode)
+}
+
+fn build_server_config(
+    certs: Arc<dyn rustls::server::ResolvesServerCert>,
+    roots: Arc<RootCertStore>,
+    mode: MtlsMode,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
-    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
     let verifier = match mode {
         MtlsMode::Strict => builder.build(),
         _ => builder.allow_unauthenticated().build(),
@@ -62,8 +86,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError(e.to_string()))?;
+        .with_cert_resolver(certs);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }

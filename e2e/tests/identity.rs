@@ -1,0 +1,322 @@
+//! Mesh identity end to end: the operator's identity endpoint (local CA, local tokens) and
+//! real sidecars that get their certificates from it, on loopback.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use apiward::identity::{AUDIENCE, Ca, Issuance, LocalTokens, SpiffeId};
+use apiward::serve::identity::{IdentityCounters, serve, server_tls};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "apiward-e2e-{name}-{}-{}",
+        std::process::id(),
+        now()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Operator {
+    ca: Arc<Ca>,
+    tokens: Arc<LocalTokens>,
+    counters: Arc<IdentityCounters>,
+}
+
+/// The operator's identity endpoint on `port`, issuing certificates of `lifetime`.
+async fn start_operator(ca: Ca, tokens: LocalTokens, port: u16, lifetime: Duration) -> Operator {
+    let (chain, key) = ca
+        .server_certificate(&["localhost".into()], Duration::from_secs(3600), now())
+        .unwrap();
+    let ca = Arc::new(ca);
+    let tokens = Arc::new(tokens);
+    let counters = Arc::new(IdentityCounters::default());
+    let issuance = Arc::new(Issuance {
+        ca: ca.clone(),
+        reviewer: tokens.clone(),
+        trust_domain: "cluster.local".into(),
+        lifetime,
+    });
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(serve(
+        listener,
+        server_tls(&chain, &key).unwrap(),
+        issuance,
+        counters.clone(),
+    ));
+    Operator {
+        ca,
+        tokens,
+        counters,
+    }
+}
+
+/// An app that answers with the principal the sidecar forwarded.
+async fn start_app() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let h = h.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        let who = req
+                            .headers()
+                            .get("x-apiward-principal")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from(json!({"principal": who}).to_string()),
+                            )))
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// Settings for a sidecar in front of `app` whose identity comes from the operator on
+/// `operator_port`; only `shop/checkout` may call it, in Strict mode.
+fn write_settings(
+    dir: &Path,
+    app: std::net::SocketAddr,
+    operator_port: u16,
+    ca_file: &Path,
+) -> PathBuf {
+    let s = json!({
+        "inbound": {"listen": "127.0.0.1:0", "port": app.port(), "upstream": app.to_string()},
+        "admin": {"listen": "127.0.0.1:0"},
+        "identity": {"url": format!("https://localhost:{operator_port}"), "tokenFile": dir.join("token"), "caFile": ca_file},
+        "policy": {
+            "apiVersion": "apiward.io/sidecar/v1alpha1",
+            "version": "e2e-1",
+            "workload": {"namespace": "shop", "name": "users-0", "serviceAccount": "users"},
+            "trustDomain": "cluster.local",
+            "ports": [{
+                "port": app.port(), "policies": ["shop/users"], "mtls": "Strict", "mode": "Enforce",
+                "rules": [{"policy": "shop/users", "name": "checkout-reads", "action": "Allow",
+                           "from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/checkout"]}],
+                           "to": [{"methods": ["GET"], "paths": ["/**"]}]}]
+            }]
+        }
+    });
+    let path = dir.join("sidecar.json");
+    std::fs::write(&path, s.to_string()).unwrap();
+    path
+}
+
+/// A client presenting a certificate the CA issued for `shop/<sa>`.
+fn mesh_client(ca: &Ca, sa: &str) -> reqwest::Client {
+    let id = SpiffeId {
+        trust_domain: "cluster.local".into(),
+        namespace: "shop".into(),
+        service_account: sa.into(),
+    };
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
+    let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+    let issued = ca
+        .sign(&csr, &id, Duration::from_secs(3600), now())
+        .unwrap();
+    let pem = format!("{}{}", issued.chain_pem, key.serialize_pem());
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.trust_bundle_pem().as_bytes()).unwrap()])
+        .identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap())
+        // The sidecar's certificate names only its SPIFFE ID: verify the chain, not a host name.
+        .danger_accept_invalid_hostnames(true)
+        .tls_info(true)
+        .http1_only()
+        .build()
+        .unwrap()
+}
+
+/// The serial and SPIFFE ID of the certificate the sidecar presents to a new handshake.
+async fn presented(port: u16, ca: &Ca) -> (String, String) {
+    let r = mesh_client(ca, "checkout")
+        .get(format!("https://127.0.0.1:{port}/orders"))
+        .send()
+        .await
+        .unwrap();
+    let der = r
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|t| t.peer_certificate())
+        .expect("the server's certificate")
+        .to_vec();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let spiffe = cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+            _ => None,
+        })
+        .unwrap();
+    (cert.raw_serial_as_string(), spiffe)
+}
+
+#[tokio::test]
+async fn a_sidecar_gets_its_identity_and_serves_mtls_with_it() {
+    let dir = tempdir("identity");
+    let ca = Ca::generate("cluster.local", now()).unwrap();
+    let tokens = LocalTokens::generate().unwrap();
+    std::fs::write(
+        dir.join("token"),
+        tokens.mint("shop", "users", Some("users-0"), AUDIENCE, now(), 3600),
+    )
+    .unwrap();
+    let ca_file = dir.join("trust-bundle.pem");
+    std::fs::write(&ca_file, ca.trust_bundle_pem()).unwrap();
+    let (app, hits) = start_app().await;
+    let operator_port = free_port();
+    let settings = write_settings(&dir, app, operator_port, &ca_file);
+    // The sidecar starts before the operator is reachable: not ready, no TLS.
+    let (_shared, bound) = apiward_sidecar::start(&settings).await.unwrap();
+    let ready = format!("http://{}/ready", bound.admin);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(reqwest::get(&ready).await.unwrap().status(), 503);
+    let op = start_operator(ca, tokens, operator_port, Duration::from_secs(3600)).await;
+    let client = mesh_client(&op.ca, "checkout");
+    let url = format!("https://127.0.0.1:{}/orders", bound.inbound.port());
+    assert!(
+        client.get(&url).send().await.is_err(),
+        "no certificate yet: no TLS"
+    );
+    let mut became_ready = false;
+    for _ in 0..100 {
+        if reqwest::get(&ready).await.unwrap().status() == 200 {
+            became_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(became_ready, "the sidecar never became ready");
+    assert_eq!(op.counters.issued.load(Ordering::Relaxed), 1);
+    // The certificate it presents is its own SPIFFE ID, issued by the mesh CA.
+    let (_, spiffe) = presented(bound.inbound.port(), &op.ca).await;
+    assert_eq!(spiffe, "spiffe://cluster.local/ns/shop/sa/users");
+    // checkout is allowed by SPIFFE ID; another service account is not.
+    let r = client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        body["principal"],
+        "spiffe://cluster.local/ns/shop/sa/checkout"
+    );
+    let r = mesh_client(&op.ca, "recommendations")
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Only the two allowed requests (the certificate check above and this one) reached it.
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    // A token for audience other than apiward would have been refused: the operator saw
+    // exactly one good request.
+    assert_eq!(op.counters.refused.load(Ordering::Relaxed), 0);
+    let _ = op.tokens;
+}
+
+#[tokio::test]
+async fn certificates_rotate_under_load_without_a_failed_request() {
+    let dir = tempdir("rotation");
+    let ca = Ca::generate("cluster.local", now()).unwrap();
+    let tokens = LocalTokens::generate().unwrap();
+    std::fs::write(
+        dir.join("token"),
+        tokens.mint("shop", "users", None, AUDIENCE, now(), 3600),
+    )
+    .unwrap();
+    let ca_file = dir.join("trust-bundle.pem");
+    std::fs::write(&ca_file, ca.trust_bundle_pem()).unwrap();
+    let (app, _) = start_app().await;
+    let operator_port = free_port();
+    // Four-second certificates: renewed about every three seconds.
+    let op = start_operator(ca, tokens, operator_port, Duration::from_secs(4)).await;
+    let settings = write_settings(&dir, app, operator_port, &ca_file);
+    let (_shared, bound) = apiward_sidecar::start(&settings).await.unwrap();
+    let ready = format!("http://{}/ready", bound.admin);
+    for _ in 0..100 {
+        if reqwest::get(&ready).await.unwrap().status() == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("https://127.0.0.1:{}/orders", bound.inbound.port());
+    let client = mesh_client(&op.ca, "checkout");
+    let mut serials = std::collections::BTreeSet::new();
+    let (mut ok, mut failed) = (0, Vec::new());
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let mut i = 0u32;
+    while std::time::Instant::now() < until {
+        // Kept-alive connections and, every tenth request, a new connection.
+        let c = if i.is_multiple_of(10) {
+            mesh_client(&op.ca, "checkout")
+        } else {
+            client.clone()
+        };
+        match c.get(&url).send().await {
+            Ok(r) if r.status() == 200 => ok += 1,
+            Ok(r) => failed.push(format!("status {}", r.status())),
+            Err(e) => failed.push(e.to_string()),
+        }
+        if i.is_multiple_of(25) {
+            serials.insert(presented(bound.inbound.port(), &op.ca).await.0);
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 200, "only {ok} requests ran");
+    assert!(
+        serials.len() >= 3,
+        "the sidecar presented {} certificate(s) over 10 s of 4 s certificates",
+        serials.len()
+    );
+    assert!(op.counters.issued.load(Ordering::Relaxed) >= 3);
+}
