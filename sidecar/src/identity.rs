@@ -197,7 +197,10 @@ pub async fn request(
 
 /// When to renew: at 70 % of the lifetime, moved by up to ±5 % of it.
 pub fn renew_at(issued_unix: i64, expires_unix: i64, jitter: f64) -> i64 {
-    let life = (expires_unix - issued_unix).max(1) as f64;
+    if expires_unix <= issued_unix {
+        return issued_unix; // already expired: renew now
+    }
+    let life = (expires_unix - issued_unix) as f64;
     issued_unix + (life * (0.70 + 0.05 * jitter.clamp(-1.0, 1.0))).round() as i64
 }
 
