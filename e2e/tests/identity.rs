@@ -178,19 +178,8 @@ async fn presented(port: u16, ca: &Ca) -> (String, String) {
         .and_then(|t| t.peer_certificate())
         .expect("the server's certificate")
         .to_vec();
+    let spiffe = apiward_sidecar::tls::spiffe_id(&der.clone().into()).expect("a SPIFFE ID");
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-    let spiffe = cert
-        .subject_alternative_name()
-        .unwrap()
-        .unwrap()
-        .value
-        .general_names
-        .iter()
-        .find_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
-            _ => None,
-        })
-        .unwrap();
     (cert.raw_serial_as_string(), spiffe)
 }
 
@@ -201,7 +190,9 @@ async fn a_sidecar_gets_its_identity_and_serves_mtls_with_it() {
     let tokens = LocalTokens::generate().unwrap();
     std::fs::write(
         dir.join("token"),
-        tokens.mint("shop", "users", Some("users-0"), AUDIENCE, now(), 3600),
+        tokens
+            .mint("shop", "users", Some("users-0"), AUDIENCE, now(), 3600)
+            .unwrap(),
     )
     .unwrap();
     let ca_file = dir.join("trust-bundle.pem");
@@ -263,7 +254,9 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
     let tokens = LocalTokens::generate().unwrap();
     std::fs::write(
         dir.join("token"),
-        tokens.mint("shop", "users", None, AUDIENCE, now(), 3600),
+        tokens
+            .mint("shop", "users", None, AUDIENCE, now(), 3600)
+            .unwrap(),
     )
     .unwrap();
     let ca_file = dir.join("trust-bundle.pem");

@@ -65,7 +65,7 @@ pub async fn start(config: &Path) -> anyhow::Result<(Arc<state::Shared>, Bound)>
         first.inbound.upstream(),
         timeouts.upstream_idle,
         first.limits.max_upstream_connections,
-        shared.clone(),
+        shared.metrics.upstream_waiting.clone(),
     );
     tokio::spawn(proxy::serve_inbound(inbound, shared.clone(), upstream));
     tokio::spawn(admin::serve_admin(admin, shared.clone()));

@@ -49,13 +49,19 @@ pub struct Upstream {
     authority: http::uri::Authority,
     /// One permit per HTTP/1.1 request in flight (and so per connection to the app).
     slots: Arc<tokio::sync::Semaphore>,
-    shared: Arc<Shared>,
+    /// Requests waiting for a slot (`apiward_sidecar_upstream_waiting`).
+    waiting: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Upstream {
     /// Clients with keep-alive pools; at most `max_http1` HTTP/1.1 requests (and so
     /// connections) to the app at once.
-    pub fn new(addr: SocketAddr, idle: Duration, max_http1: usize, shared: Arc<Shared>) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        idle: Duration,
+        max_http1: usize,
+        waiting: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.enforce_http(true);
@@ -80,7 +86,7 @@ impl Upstream {
             http2,
             authority,
             slots: Arc::new(tokio::sync::Semaphore::new(max_http1.max(1))),
-            shared,
+            waiting,
         }
     }
 
@@ -89,10 +95,9 @@ impl Upstream {
         if let Ok(p) = self.slots.clone().try_acquire_owned() {
             return Some(p);
         }
-        let waiting = &self.shared.metrics.upstream_waiting;
-        waiting.inc();
+        self.waiting.inc();
         let p = self.slots.clone().acquire_owned().await.ok();
-        waiting.dec();
+        self.waiting.dec();
         p
     }
 }
@@ -261,7 +266,7 @@ async fn serve_http<IO>(
         let (info, shared, upstream) = (info.clone(), shared2.clone(), upstream.clone());
         async move { Ok::<_, Infallible>(handle(req, &info, &shared, &upstream).await) }
     });
-    // The same HTTP/2 limits on both builders (hyper's and hyper-util's types differ).
+    // The same limits on hyper's builders and hyper-util's (their types differ).
     macro_rules! h2_limits {
         ($b:expr) => {
             $b.timer(TokioTimer::new())
@@ -273,12 +278,16 @@ async fn serve_http<IO>(
                 .max_local_error_reset_streams(Some(1024))
         };
     }
+    macro_rules! h1_limits {
+        ($b:expr) => {
+            $b.timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(max_header.max(8192))
+        };
+    }
     let io = TokioIo::new(io);
     let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match proto {
-        Proto::Http1 => hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .max_buf_size(max_header.max(8192))
+        Proto::Http1 => h1_limits!(hyper::server::conn::http1::Builder::new())
             .serve_connection(io, svc)
             .with_upgrades()
             .await
@@ -292,10 +301,7 @@ async fn serve_http<IO>(
         }
         Proto::Detect => {
             let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            b.http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(max_header.max(8192));
+            h1_limits!(b.http1());
             let mut h2 = b.http2();
             h2_limits!(h2);
             Box::pin(b.serve_connection_with_upgrades(io, svc)).await

@@ -145,9 +145,7 @@ pub fn load(
     let tls = match (identity, &settings.tls) {
         (Some(id), _) if settings.identity.is_some() => id
             .current()
-            .map(|issued| {
-                crate::tls::server_config_identity(id.clone(), issued.roots.clone(), mode)
-            })
+            .map(|issued| crate::tls::server_config_with(id.clone(), issued.roots.clone(), mode))
             .transpose(),
         (_, Some(f)) => crate::tls::server_config(f, mode).map(Some),
         _ => Ok(None),

@@ -55,22 +55,22 @@ pub fn server_config(
         .key_provider
         .load_private_key(key)
         .map_err(|e| TlsError(format!("{}: {e}", files.key_file.display())))?;
-    let resolver =
-        rustls::sign::SingleCertAndKey::from(rustls::sign::CertifiedKey::new(certs, key));
-    build_server_config(Arc::new(resolver), Arc::new(roots), mode)
+    let certified = rustls::sign::CertifiedKey::new(certs, key);
+    certified.keys_match().map_err(|e| {
+        TlsError(format!(
+            "{} does not belong to {}: {e}",
+            files.key_file.display(),
+            files.cert_file.display()
+        ))
+    })?;
+    let resolver = rustls::sign::SingleCertAndKey::from(certified);
+    server_config_with(Arc::new(resolver), Arc::new(roots), mode)
 }
 
-/// The inbound server config with the operator-issued identity: handshakes present the
-/// certificate in force at that moment, so renewals need no new config.
-pub fn server_config_identity(
-    identity: Arc<crate::identity::WorkloadIdentity>,
-    roots: Arc<RootCertStore>,
-    mode: MtlsMode,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    build_server_config(identity, roots, mode)
-}
-
-fn build_server_config(
+/// The inbound server config around a certificate resolver. With the operator-issued
+/// identity, handshakes present the certificate in force at that moment, so renewals need
+/// no new config.
+pub fn server_config_with(
     certs: Arc<dyn rustls::server::ResolvesServerCert>,
     roots: Arc<RootCertStore>,
     mode: MtlsMode,
@@ -124,4 +124,35 @@ pub fn client_config(
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_that_does_not_belong_to_the_certificate_is_refused() {
+        let dir = std::env::temp_dir().join(format!("apiward-tls-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.join("ca.crt"), cert.pem()).unwrap();
+        let files = TlsFiles {
+            cert_file: dir.join("tls.crt"),
+            key_file: dir.join("tls.key"),
+            client_ca_file: dir.join("ca.crt"),
+        };
+        std::fs::write(&files.key_file, key.serialize_pem()).unwrap();
+        assert!(server_config(&files, MtlsMode::Strict).is_ok());
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&files.key_file, other.serialize_pem()).unwrap();
+        let err = server_config(&files, MtlsMode::Strict)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not belong"), "{err}");
+    }
 }

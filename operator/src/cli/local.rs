@@ -130,19 +130,19 @@ fn load_or_create_tokens(dir: &Path) -> Result<LocalTokens, String> {
 pub fn run(args: LocalArgs) -> ExitCode {
     let result = match args.command {
         LocalCommand::Serve(a) => serve_local(a),
-        LocalCommand::Token(a) => load_or_create_tokens(&a.state_dir).map(|t| {
-            let ttl = a.ttl.as_secs() as i64;
-            println!(
-                "{}",
-                t.mint(
+        LocalCommand::Token(a) => load_or_create_tokens(&a.state_dir).and_then(|t| {
+            let token = t
+                .mint(
                     &a.namespace,
                     &a.service_account,
                     a.pod.as_deref(),
                     &a.audience,
                     now(),
-                    ttl
+                    a.ttl.as_secs() as i64,
                 )
-            );
+                .map_err(|e| e.to_string())?;
+            println!("{token}");
+            Ok(())
         }),
     };
     match result {

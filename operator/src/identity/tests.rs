@@ -74,7 +74,9 @@ fn verify(chain_pem: &str, bundle_pem: &str, at: i64) -> Result<String, String> 
 async fn a_token_and_a_matching_csr_get_a_short_lived_certificate_for_that_identity() {
     let tokens = Arc::new(LocalTokens::generate().unwrap());
     let iss = issuance(Ca::generate("cluster.local", NOW).unwrap(), tokens.clone());
-    let token = tokens.mint("shop", "checkout", Some("checkout-0"), AUDIENCE, NOW, 600);
+    let token = tokens
+        .mint("shop", "checkout", Some("checkout-0"), AUDIENCE, NOW, 600)
+        .unwrap();
     let id = "spiffe://cluster.local/ns/shop/sa/checkout";
     let out = iss
         .issue(
@@ -105,13 +107,16 @@ async fn issuance_refusals_say_why() {
     let iss = issuance(Ca::generate("cluster.local", NOW).unwrap(), tokens.clone());
     let own = "spiffe://cluster.local/ns/shop/sa/checkout";
     let good_csr = csr(&[uri(own)], &rcgen::PKCS_ECDSA_P256_SHA256);
-    let good_token = tokens.mint("shop", "checkout", None, AUDIENCE, NOW, 600);
-    let cases: Vec<(&str, CertificateRequest, u16, &str)> = vec![
+    let good_token = tokens
+        .mint("shop", "checkout", None, AUDIENCE, NOW, 600)
+        .unwrap();
+    let cases: Vec<(&str, CertificateRequest, u16, &str)> =
+        vec![
         (
             "wrong audience",
             CertificateRequest {
                 csr: good_csr.clone(),
-                token: tokens.mint("shop", "checkout", None, "vault", NOW, 600),
+                token: tokens.mint("shop", "checkout", None, "vault", NOW, 600).unwrap(),
             },
             401,
             "token_wrong_audience",
@@ -120,7 +125,7 @@ async fn issuance_refusals_say_why() {
             "token for another service account than the CSR",
             CertificateRequest {
                 csr: good_csr.clone(),
-                token: tokens.mint("shop", "payments", None, AUDIENCE, NOW, 600),
+                token: tokens.mint("shop", "payments", None, AUDIENCE, NOW, 600).unwrap(),
             },
             403,
             "csr_identity_mismatch",
@@ -129,7 +134,7 @@ async fn issuance_refusals_say_why() {
             "expired token",
             CertificateRequest {
                 csr: good_csr.clone(),
-                token: tokens.mint("shop", "checkout", None, AUDIENCE, NOW - 7200, 600),
+                token: tokens.mint("shop", "checkout", None, AUDIENCE, NOW - 7200, 600).unwrap(),
             },
             401,
             "token_expired",
@@ -199,7 +204,7 @@ async fn issuance_refusals_say_why() {
                 csr: good_csr.clone(),
                 token: LocalTokens::generate()
                     .unwrap()
-                    .mint("shop", "checkout", None, AUDIENCE, NOW, 600),
+                    .mint("shop", "checkout", None, AUDIENCE, NOW, 600).unwrap(),
             },
             401,
             "token_invalid",

@@ -136,7 +136,7 @@ impl LocalTokens {
         audience: &str,
         now_unix: i64,
         ttl_seconds: i64,
-    ) -> String {
+    ) -> Result<String, TokenError> {
         let claims = Claims {
             iss: LOCAL_ISSUER.into(),
             sub: format!("system:serviceaccount:{namespace}:{service_account}"),
@@ -152,9 +152,8 @@ impl LocalTokens {
                 pod: pod.map(|p| Named { name: p.into() }),
             },
         };
-        // Serializing plain strings and integers cannot fail.
         jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.encoding)
-            .unwrap_or_default()
+            .map_err(|e| TokenError::Invalid(format!("signing the token failed: {e}")))
     }
 
     /// Checks a token at `now_unix` (no clock inside, for tests and for [`TokenReviewer`]).
