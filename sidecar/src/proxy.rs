@@ -264,7 +264,9 @@ async fn serve_http<IO>(
     let shared2 = shared.clone();
     let svc = hyper::service::service_fn(move |req| {
         let (info, shared, upstream) = (info.clone(), shared2.clone(), upstream.clone());
-        async move { Ok::<_, Infallible>(handle(req, &info, &shared, &upstream).await) }
+        // Boxed: hyper keeps the service future inline in every connection's state, so an
+        // idle keep-alive connection would carry the whole request pipeline's state machine.
+        Box::pin(async move { Ok::<_, Infallible>(handle(req, &info, &shared, &upstream).await) })
     });
     // The same limits on hyper's builders and hyper-util's (their types differ).
     macro_rules! h2_limits {
