@@ -1,2 +1,95 @@
-//! apiward end-to-end tests live in `tests/`; see `README.md` for why each exists.
+//! apiward end-to-end tests live in `tests/`; see `README.md` for why each exists. This
+//! library holds what they share: the operator's identity endpoint, temporary directories,
+//! and (in [`netns`]) network-namespace "pods" wired to a bridge.
 #![forbid(unsafe_code)]
+
+pub mod netns;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use apiward::identity::{Ca, Issuance, LocalTokens};
+use apiward::serve::identity::{IdentityCounters, serve, server_tls};
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+/// A fresh directory under the system temp dir (readable by other users, so a sidecar
+/// running under its own UID can read its settings).
+pub fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "apiward-e2e-{name}-{}-{}",
+        std::process::id(),
+        now()
+    ));
+    std::fs::create_dir_all(&d).expect("create the temp dir");
+    d
+}
+
+/// The operator's identity endpoint, running in this process.
+pub struct Operator {
+    /// The mesh CA.
+    pub ca: Arc<Ca>,
+    /// The local token signer (stands in for the API server's TokenReview).
+    pub tokens: Arc<LocalTokens>,
+    /// Issued and refused counts.
+    pub counters: Arc<IdentityCounters>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operator")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts the identity endpoint on `bind`, with a server certificate for `names` (DNS names
+/// or IP addresses), issuing workload certificates of `lifetime` for trust domain
+/// `cluster.local`.
+pub async fn start_operator(
+    ca: Ca,
+    tokens: LocalTokens,
+    bind: SocketAddr,
+    names: &[&str],
+    lifetime: Duration,
+) -> Operator {
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let (chain, key) = ca
+        .server_certificate(&names, Duration::from_secs(3600), now())
+        .expect("server certificate");
+    let ca = Arc::new(ca);
+    let tokens = Arc::new(tokens);
+    let counters = Arc::new(IdentityCounters::default());
+    let issuance = Arc::new(Issuance {
+        ca: ca.clone(),
+        reviewer: tokens.clone(),
+        trust_domain: "cluster.local".into(),
+        lifetime,
+    });
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .expect("bind the identity endpoint");
+    let addr = listener.local_addr().expect("bound address");
+    tokio::spawn(serve(
+        listener,
+        server_tls(&chain, &key).expect("server TLS"),
+        issuance,
+        counters.clone(),
+    ));
+    Operator {
+        ca,
+        tokens,
+        counters,
+        addr,
+    }
+}

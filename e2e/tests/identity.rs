@@ -1,34 +1,18 @@
 //! Mesh identity end to end: the operator's identity endpoint (local CA, local tokens) and
 //! real sidecars that get their certificates from it, on loopback.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use apiward::identity::{AUDIENCE, Ca, Issuance, LocalTokens, SpiffeId};
-use apiward::serve::identity::{IdentityCounters, serve, server_tls};
+use apiward::identity::{AUDIENCE, Ca, LocalTokens, SpiffeId};
+use apiward_e2e::{Operator, now, start_operator, tempdir};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "apiward-e2e-{name}-{}-{}",
-        std::process::id(),
-        now()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -38,40 +22,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Operator {
-    ca: Arc<Ca>,
-    tokens: Arc<LocalTokens>,
-    counters: Arc<IdentityCounters>,
-}
-
 /// The operator's identity endpoint on `port`, issuing certificates of `lifetime`.
-async fn start_operator(ca: Ca, tokens: LocalTokens, port: u16, lifetime: Duration) -> Operator {
-    let (chain, key) = ca
-        .server_certificate(&["localhost".into()], Duration::from_secs(3600), now())
-        .unwrap();
-    let ca = Arc::new(ca);
-    let tokens = Arc::new(tokens);
-    let counters = Arc::new(IdentityCounters::default());
-    let issuance = Arc::new(Issuance {
-        ca: ca.clone(),
-        reviewer: tokens.clone(),
-        trust_domain: "cluster.local".into(),
-        lifetime,
-    });
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio::spawn(serve(
-        listener,
-        server_tls(&chain, &key).unwrap(),
-        issuance,
-        counters.clone(),
-    ));
-    Operator {
+async fn operator_on(ca: Ca, tokens: LocalTokens, port: u16, lifetime: Duration) -> Operator {
+    start_operator(
         ca,
         tokens,
-        counters,
-    }
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        &["localhost"],
+        lifetime,
+    )
+    .await
 }
 
 /// An app that answers with the principal the sidecar forwarded.
@@ -205,7 +165,7 @@ async fn a_sidecar_gets_its_identity_and_serves_mtls_with_it() {
     let ready = format!("http://{}/ready", bound.admin);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(reqwest::get(&ready).await.unwrap().status(), 503);
-    let op = start_operator(ca, tokens, operator_port, Duration::from_secs(3600)).await;
+    let op = operator_on(ca, tokens, operator_port, Duration::from_secs(3600)).await;
     let client = mesh_client(&op.ca, "checkout");
     let url = format!("https://127.0.0.1:{}/orders", bound.inbound.port());
     assert!(
@@ -264,7 +224,7 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
     let (app, _) = start_app().await;
     let operator_port = free_port();
     // Four-second certificates: renewed about every three seconds.
-    let op = start_operator(ca, tokens, operator_port, Duration::from_secs(4)).await;
+    let op = operator_on(ca, tokens, operator_port, Duration::from_secs(4)).await;
     let settings = write_settings(&dir, app, operator_port, &ca_file);
     let (_shared, bound) = apiward_sidecar::start(&settings).await.unwrap();
     let ready = format!("http://{}/ready", bound.admin);

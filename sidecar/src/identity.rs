@@ -79,6 +79,20 @@ impl rustls::server::ResolvesServerCert for WorkloadIdentity {
     }
 }
 
+/// The same certificate, presented when this sidecar originates mTLS to a meshed peer.
+impl rustls::client::ResolvesClientCert for WorkloadIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.current.load().as_ref().map(|i| i.key.clone())
+    }
+    fn has_certs(&self) -> bool {
+        self.current.load().is_some()
+    }
+}
+
 fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -9,6 +9,7 @@
 //! - [`settings`]: the settings file. [`state`]: the active config and shared state.
 //! - [`proxy`]: listener, TLS by mode, the request pipeline, forwarding, response filter.
 //! - [`authn`]: JWT/JWKS and API keys. [`tls`]: rustls configs and SPIFFE IDs.
+//! - [`outbound`]: the app's redirected connections: mTLS to meshed peers, the egress policy.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config_dump`. [`metrics`]: the registry.
 #![forbid(unsafe_code)]
 
@@ -17,7 +18,9 @@ pub mod authn;
 pub mod body;
 pub mod client;
 pub mod identity;
+pub mod init;
 pub mod metrics;
+pub mod outbound;
 pub mod proxy;
 pub mod settings;
 pub mod state;
@@ -34,6 +37,8 @@ pub struct Bound {
     pub inbound: std::net::SocketAddr,
     /// Admin listener.
     pub admin: std::net::SocketAddr,
+    /// Outbound listener, when configured.
+    pub outbound: Option<std::net::SocketAddr>,
 }
 
 /// Loads the settings file, binds the listeners and starts serving in the background.
@@ -56,9 +61,18 @@ pub async fn start(config: &Path) -> anyhow::Result<(Arc<state::Shared>, Bound)>
     let admin = tokio::net::TcpListener::bind(first.admin.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", first.admin.listen))?;
+    let outbound = match &first.outbound {
+        Some(o) => Some(
+            tokio::net::TcpListener::bind(o.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", o.listen))?,
+        ),
+        None => None,
+    };
     let bound = Bound {
         inbound: inbound.local_addr()?,
         admin: admin.local_addr()?,
+        outbound: outbound.as_ref().map(|l| l.local_addr()).transpose()?,
     };
     tracing::info!(config = %config.display(), version, inbound = %bound.inbound, admin = %bound.admin, upstream = %first.inbound.upstream(), "apiward-sidecar serving");
     let upstream = proxy::Upstream::new(
@@ -69,6 +83,9 @@ pub async fn start(config: &Path) -> anyhow::Result<(Arc<state::Shared>, Bound)>
     );
     tokio::spawn(proxy::serve_inbound(inbound, shared.clone(), upstream));
     tokio::spawn(admin::serve_admin(admin, shared.clone()));
+    if let Some(l) = outbound {
+        tokio::spawn(outbound::serve_outbound(l, shared.clone()));
+    }
     tokio::spawn(watch(shared.clone(), config.to_owned()));
     if let (Some(id), Some(s)) = (&shared.identity, first.identity.clone()) {
         tokio::spawn(identity::keep_renewed(shared.clone(), id.clone(), s));

@@ -31,15 +31,106 @@ enum Command {
         #[arg(long, env = "APIWARD_LOG", default_value = "info")]
         log: String,
     },
+    /// Install the iptables (nat) rules that send the pod's inbound TCP to the inbound
+    /// listener and the app's outbound TCP to the outbound listener. Idempotent.
+    Init {
+        /// Print the rules instead of installing them.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove the rules instead.
+        #[arg(long, conflicts_with = "dry_run")]
+        remove: bool,
+        /// The sidecar's UID (its own connections are never redirected).
+        #[arg(long, default_value_t = 1337)]
+        proxy_uid: u32,
+        /// Inbound listener port.
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
+        /// Outbound listener port.
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        /// Admin port (never redirected).
+        #[arg(long, default_value_t = 15020)]
+        admin_port: u16,
+        /// Redirect only these inbound ports (comma-separated; default: all).
+        #[arg(long, value_delimiter = ',')]
+        inbound_ports: Vec<u16>,
+        /// Inbound ports never redirected (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        exclude_inbound_ports: Vec<u16>,
+        /// Outbound destination ports never redirected (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        exclude_outbound_ports: Vec<u16>,
+        /// Outbound destination CIDRs never redirected (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        exclude_outbound_cidrs: Vec<ipnet::IpNet>,
+        /// IPv6 rules (ip6tables).
+        #[arg(long)]
+        ipv6: bool,
+        /// The iptables binary (default `iptables`, or `ip6tables` with --ipv6).
+        #[arg(long)]
+        iptables: Option<String>,
+    },
+}
+
+fn init(command: Command) -> ExitCode {
+    let Command::Init {
+        dry_run,
+        remove,
+        proxy_uid,
+        inbound_port,
+        outbound_port,
+        admin_port,
+        inbound_ports,
+        exclude_inbound_ports,
+        exclude_outbound_ports,
+        exclude_outbound_cidrs,
+        ipv6,
+        iptables,
+    } = command
+    else {
+        return ExitCode::FAILURE;
+    };
+    use apiward_sidecar::init as rules;
+    let opts = rules::InitOptions {
+        inbound_port,
+        outbound_port,
+        proxy_uid,
+        admin_port,
+        inbound_ports,
+        exclude_inbound_ports,
+        exclude_outbound_ports,
+        exclude_outbound_cidrs,
+        ipv6,
+    };
+    let done = if dry_run {
+        print!("{}", opts.script());
+        Ok(())
+    } else if remove {
+        rules::remove(ipv6, iptables.as_deref())
+    } else {
+        rules::install(&opts, iptables.as_deref())
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("apiward-sidecar init: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
+    let command = Cli::parse().command;
     let Command::Run {
         config,
         threads,
         log_format,
         log,
-    } = Cli::parse().command;
+    } = command
+    else {
+        return init(command);
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if log_format == "json" {
@@ -74,12 +165,17 @@ fn main() -> ExitCode {
     rt.block_on(async {
         match apiward_sidecar::start(&config).await {
             Ok(_) => {
-                let _ = tokio::signal::ctrl_c().await;
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                if let Some(t) = term.as_mut() {
-                    tokio::select! { _ = t.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
-                }
+                let terminated = async {
+                    match term.as_mut() {
+                        Some(t) => {
+                            t.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! { _ = terminated => {}, _ = tokio::signal::ctrl_c() => {} }
                 ExitCode::SUCCESS
             }
             Err(e) => {

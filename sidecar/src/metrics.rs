@@ -37,11 +37,24 @@ pub struct ProviderLabels {
     pub provider: String,
 }
 
+/// Labels of an outbound connection's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutboundLabels {
+    /// `meshed`, `egress` or `none`.
+    pub route: &'static str,
+    /// `connected`, or why not.
+    pub result: &'static str,
+}
+
 /// Every metric the sidecar exports.
 #[derive(Debug)]
 pub struct Metrics {
     /// The registry behind `/metrics`.
     pub registry: Registry,
+    /// Outbound connections by route and result.
+    pub outbound: Family<OutboundLabels, Counter>,
+    /// Outbound connections open now.
+    pub outbound_open: Gauge,
     /// Requests by decision, reason, policy, rule and status.
     pub requests: Family<RequestLabels, Counter>,
     /// Time from request head to response head, seconds.
@@ -171,8 +184,22 @@ impl Metrics {
         );
         let quota_keys = Gauge::default();
         registry.register("quota_keys", "Local quota keys held", quota_keys.clone());
+        let outbound = Family::<OutboundLabels, Counter>::default();
+        registry.register(
+            "outbound_connections",
+            "Outbound connections by route (meshed, egress) and result (connected or the refusal reason)",
+            outbound.clone(),
+        );
+        let outbound_open = Gauge::default();
+        registry.register(
+            "outbound_open",
+            "Outbound connections open now",
+            outbound_open.clone(),
+        );
         Self {
             registry,
+            outbound,
+            outbound_open,
             requests,
             request_duration,
             decision_duration,

@@ -25,6 +25,9 @@ pub struct Settings {
     /// A mesh identity issued by the operator instead of (or before) certificate files.
     #[serde(default)]
     pub identity: Option<crate::identity::IdentitySettings>,
+    /// The outbound listener: the app's connections, redirected by `apiward-sidecar init`.
+    #[serde(default)]
+    pub outbound: Option<crate::outbound::OutboundSettings>,
     /// The admin listener (`/live`, `/ready`, `/metrics`, `/config_dump`).
     #[serde(default)]
     pub admin: Admin,
@@ -256,6 +259,12 @@ impl Settings {
             if needs_tls && s.tls.is_none() && s.identity.is_none() {
                 return Err(invalid("tls", "the policy requires mTLS on this port: set tls (certFile, keyFile, clientCaFile) or identity".into()));
             }
+        }
+        if let Some(o) = &s.outbound {
+            crate::outbound::Routes::build(o, None).map_err(|m| match m.split_once(": ") {
+                Some((field, why)) => invalid(field, why.to_owned()),
+                None => invalid("outbound", m),
+            })?;
         }
         if !(0.0..=1.0).contains(&s.log_allowed_fraction) {
             return Err(invalid(

@@ -36,6 +36,8 @@ pub struct Active {
     pub api_keys: HashMap<String, ApiKeySet>,
     /// Parsed limit durations.
     pub timeouts: Timeouts,
+    /// Outbound routes (meshed peers and the egress policy), when configured.
+    pub outbound: Option<Arc<crate::outbound::Routes>>,
 }
 
 impl std::fmt::Debug for Active {
@@ -151,6 +153,28 @@ pub fn load(
         _ => Ok(None),
     }
     .map_err(|e| e.to_string())?;
+    // Originating mTLS uses the same certificate and trust bundle as the inbound listener.
+    let mesh = match (identity, &settings.tls) {
+        (Some(id), _) if settings.identity.is_some() => {
+            id.current().map(|issued| crate::outbound::MeshTls {
+                client_auth: id.clone(),
+                roots: issued.roots.clone(),
+            })
+        }
+        (_, Some(f)) => {
+            let (key, roots) = crate::tls::load_files(f).map_err(|e| e.to_string())?;
+            Some(crate::outbound::MeshTls {
+                client_auth: Arc::new(crate::tls::StaticClientCert(key)),
+                roots,
+            })
+        }
+        _ => None,
+    };
+    let outbound = settings
+        .outbound
+        .as_ref()
+        .map(|o| crate::outbound::Routes::build(o, mesh.as_ref()).map(Arc::new))
+        .transpose()?;
     let mut jwt = HashMap::new();
     let mut api_keys = HashMap::new();
     if let Some(cfg) = &config {
@@ -177,5 +201,6 @@ pub fn load(
         jwt,
         api_keys,
         timeouts,
+        outbound,
     })
 }

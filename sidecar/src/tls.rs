@@ -42,6 +42,15 @@ pub fn server_config(
     files: &TlsFiles,
     mode: MtlsMode,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let (certified, roots) = load_files(files)?;
+    let resolver = rustls::sign::SingleCertAndKey::from(Arc::unwrap_or_clone(certified));
+    server_config_with(Arc::new(resolver), roots, mode)
+}
+
+/// The certificate, key and trust roots of a [`TlsFiles`], checked to belong together.
+pub fn load_files(
+    files: &TlsFiles,
+) -> Result<(Arc<rustls::sign::CertifiedKey>, Arc<RootCertStore>), TlsError> {
     let certs = read_certs(&files.cert_file)?;
     let key = PrivateKeyDer::from_pem_file(&files.key_file)
         .map_err(|e| TlsError(format!("{}: {e}", files.key_file.display())))?;
@@ -63,8 +72,24 @@ pub fn server_config(
             files.cert_file.display()
         ))
     })?;
-    let resolver = rustls::sign::SingleCertAndKey::from(certified);
-    server_config_with(Arc::new(resolver), Arc::new(roots), mode)
+    Ok((Arc::new(certified), Arc::new(roots)))
+}
+
+/// A client certificate that never changes (from [`TlsFiles`]), for originating mTLS.
+#[derive(Debug)]
+pub struct StaticClientCert(pub Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for StaticClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// The inbound server config around a certificate resolver. With the operator-issued

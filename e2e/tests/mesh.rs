@@ -1,0 +1,422 @@
+//! The mesh in network namespaces: four "pods" on a bridge, with the iptables rules that
+//! `apiward-sidecar init` installs, real sidecars running under their own UID, the
+//! operator's identity endpoint in the root namespace, and small apps that know nothing
+//! of TLS.
+//!
+//! - a: `shop/checkout`, a client app; b: `shop/orders`, the app being protected (only
+//!   `shop/checkout` may call it, Strict mTLS); c: `shop/other`, a client app with another
+//!   ServiceAccount; x: not meshed at all (no sidecar, no rules).
+//!
+//! Needs root, `ip`, `iptables`, `tcpdump` and `setpriv` (scripts/test installs them).
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use apiward::identity::{AUDIENCE, Ca, LocalTokens};
+use apiward_e2e::netns::{Lab, Pod, require};
+use apiward_e2e::{now, start_operator, tempdir};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+
+const SIDECAR_UID: u32 = 1337;
+const APP_PORT: u16 = 8080;
+
+/// The sidecar binary, copied where the sidecar's UID can run it.
+fn sidecar_binary(dir: &Path) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let built = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("apiward-sidecar"))
+        .expect("target dir");
+    assert!(
+        built.exists(),
+        "{} is missing: build it first (`cargo build -p apiward-sidecar`; scripts/test does)",
+        built.display()
+    );
+    let to = dir.join("apiward-sidecar");
+    std::fs::copy(&built, &to).expect("copy the sidecar binary");
+    to
+}
+
+fn settings(
+    pod: &str,
+    sa: &str,
+    gateway: Ipv4Addr,
+    dir: &Path,
+    b: Ipv4Addr,
+    rules: serde_json::Value,
+) -> PathBuf {
+    let s = json!({
+        "inbound": {"listen": "0.0.0.0:15006", "port": APP_PORT, "upstream": format!("127.0.0.1:{APP_PORT}")},
+        "admin": {"listen": "0.0.0.0:15020"},
+        "identity": {"url": format!("https://{gateway}:15012"), "tokenFile": dir.join(format!("token-{pod}")), "caFile": dir.join("trust-bundle.pem")},
+        "outbound": {
+            "listen": "127.0.0.1:15001",
+            "meshed": [{"cidrs": [format!("{b}/32")], "ports": [APP_PORT], "identity": "spiffe://cluster.local/ns/shop/sa/orders"}],
+        },
+        "policy": {
+            "apiVersion": "apiward.io/sidecar/v1alpha1",
+            "version": "mesh-1",
+            "workload": {"namespace": "shop", "name": format!("{sa}-0"), "serviceAccount": sa},
+            "trustDomain": "cluster.local",
+            "ports": [{"port": APP_PORT, "policies": ["shop/orders"], "mtls": "Strict", "mode": "Enforce", "rules": rules}]
+        }
+    });
+    let path = dir.join(format!("sidecar-{pod}.json"));
+    std::fs::write(&path, s.to_string()).unwrap();
+    path
+}
+
+/// The app in pod b: answers with the principal its sidecar forwarded and records the
+/// address every connection came from.
+fn start_app(b: &Pod, seen_from: Arc<Mutex<BTreeSet<String>>>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    b.thread(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(("0.0.0.0", APP_PORT))
+                .await
+                .unwrap();
+            tx.send(()).unwrap();
+            loop {
+                let (tcp, from) = listener.accept().await.unwrap();
+                seen_from.lock().unwrap().insert(from.ip().to_string());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let who = req
+                                .headers()
+                                .get("x-apiward-principal")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned();
+                            async move {
+                                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                    Bytes::from(json!({"principal": who}).to_string()),
+                                )))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("the app in pod b started");
+}
+
+/// One plain HTTP/1.1 GET on a new connection, as an app would send it.
+async fn get(to: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", to.to_string())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .map_err(|_| "response timed out".to_owned())?
+        .map_err(|e| format!("request: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Runs `requests` GETs (one per new connection) from inside `pod`.
+fn get_from(
+    pod: &Pod,
+    to: SocketAddr,
+    path: &'static str,
+    requests: usize,
+) -> Vec<Result<(u16, String), String>> {
+    pod.thread(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut out = Vec::new();
+            for _ in 0..requests {
+                out.push(get(to, path).await);
+            }
+            out
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+/// A counter's value in a sidecar's `/metrics` (0 when absent).
+async fn metric(pod: &Pod, line_prefix: &str) -> f64 {
+    let text = reqwest::get(format!("http://{}:15020/metrics", pod.ip))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
+    require(&["ip", "iptables", "tcpdump", "setpriv"]);
+    let dir = tempdir("mesh");
+    let bin = sidecar_binary(&dir);
+    let mut lab = Lab::new();
+    let (a, b, c, x) = (
+        lab.pod("a", 2),
+        lab.pod("b", 3),
+        lab.pod("c", 4),
+        lab.pod("x", 5),
+    );
+    let gateway = lab.gateway();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // The operator's identity endpoint on the bridge, issuing 5-second certificates.
+    let ca = Ca::generate("cluster.local", now()).unwrap();
+    let tokens = LocalTokens::generate().unwrap();
+    std::fs::write(dir.join("trust-bundle.pem"), ca.trust_bundle_pem()).unwrap();
+    for (pod, sa) in [("a", "checkout"), ("b", "orders"), ("c", "other")] {
+        let t = tokens
+            .mint("shop", sa, None, AUDIENCE, now(), 3600)
+            .unwrap();
+        std::fs::write(dir.join(format!("token-{pod}")), t).unwrap();
+    }
+    let gw = gateway.to_string();
+    let op = rt.block_on(start_operator(
+        ca,
+        tokens,
+        SocketAddr::from((gateway, 15012)),
+        &[&gw],
+        Duration::from_secs(5),
+    ));
+
+    // Pod b's app, listening on every address of the pod (not just loopback), so the
+    // sidecar is the only thing that can keep callers from reaching it directly.
+    let seen_from = Arc::new(Mutex::new(BTreeSet::new()));
+    start_app(&b, seen_from.clone());
+
+    // Interception rules, then the sidecars (under their own UID, which the rules exempt).
+    let bin_s = bin.to_str().unwrap();
+    for pod in [&a, &b, &c] {
+        pod.exec(&[bin_s, "init", "--proxy-uid", &SIDECAR_UID.to_string()]);
+    }
+    // init is idempotent: running it again leaves the same rules.
+    let before = String::from_utf8(b.exec(&["iptables-save", "-t", "nat"]).stdout).unwrap();
+    b.exec(&[bin_s, "init", "--proxy-uid", &SIDECAR_UID.to_string()]);
+    let after = String::from_utf8(b.exec(&["iptables-save", "-t", "nat"]).stdout).unwrap();
+    let rules = |s: &str| {
+        s.lines()
+            .filter(|l| l.starts_with('-'))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        rules(&before),
+        rules(&after),
+        "a second init changed the rules"
+    );
+    assert!(after.contains("-A APIWARD_OUTPUT -m owner --uid-owner 1337 -j RETURN"));
+
+    let allow_checkout = json!([{"policy": "shop/orders", "name": "checkout-reads", "action": "Allow",
+        "from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/checkout"]}],
+        "to": [{"methods": ["GET"], "paths": ["/**"]}]}]);
+    for (pod, name, sa) in [
+        (&a, "a", "checkout"),
+        (&b, "b", "orders"),
+        (&c, "c", "other"),
+    ] {
+        let cfg = settings(name, sa, gateway, &dir, b.ip, allow_checkout.clone());
+        let log = dir.join(format!("sidecar-{name}.log"));
+        lab.spawn(
+            pod,
+            Some(SIDECAR_UID),
+            &[bin_s, "run", "--config", cfg.to_str().unwrap()],
+            &log,
+        );
+    }
+    rt.block_on(async {
+        for pod in [&a, &b, &c] {
+            let ready = format!("http://{}:15020/ready", pod.ip);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the sidecar in {} never became ready",
+                    pod.ns
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+
+    // Capture everything on pod b's wire while the apps talk.
+    let pcap = dir.join("b.pcap");
+    lab.spawn(
+        &b,
+        None,
+        &[
+            "tcpdump",
+            "-i",
+            &b.dev,
+            "-U",
+            "-n",
+            "-w",
+            pcap.to_str().unwrap(),
+            "tcp",
+        ],
+        &dir.join("tcpdump.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(dir.join("tcpdump.log"))
+        .unwrap_or_default()
+        .contains("listening on")
+    {
+        assert!(Instant::now() < deadline, "tcpdump did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let to_b = SocketAddr::from((b.ip, APP_PORT));
+
+    // A (checkout) → B over plain HTTP from the app's point of view: allowed, and B's app
+    // sees the caller's verified SPIFFE ID.
+    let r = get_from(&a, to_b, "/orders/mesh-probe", 3);
+    for res in &r {
+        let (status, body) = res.as_ref().expect("a → b");
+        assert_eq!(*status, 200, "{body}");
+        assert!(
+            body.contains("spiffe://cluster.local/ns/shop/sa/checkout"),
+            "{body}"
+        );
+    }
+    // C (another ServiceAccount) → B: refused by B's sidecar.
+    for res in get_from(&c, to_b, "/orders/from-c", 2) {
+        assert_eq!(res.expect("c → b").0, 403);
+    }
+    // X (no sidecar) → B in Strict mode: the plaintext connection is refused.
+    for res in get_from(&x, to_b, "/orders/plaintext-probe", 2) {
+        assert!(res.is_err(), "a non-meshed caller got an answer: {res:?}");
+    }
+    // A → the cloud metadata address: refused by A's egress policy, and logged.
+    let metadata = SocketAddr::from(([169, 254, 169, 254], 80));
+    for res in get_from(&a, metadata, "/latest/meta-data/", 1) {
+        assert!(res.is_err(), "the metadata address answered: {res:?}");
+    }
+
+    // Rotation under load: 5 s certificates, 12 s of requests from a, each on a new
+    // connection (a fresh mTLS handshake A → B), none may fail.
+    let load = a.thread(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            let until = Instant::now() + Duration::from_secs(12);
+            while Instant::now() < until {
+                match get(to_b, "/orders/load").await {
+                    Ok((200, _)) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        })
+    });
+    let (ok, failed) = load.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during rotation: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 100, "only {ok} requests ran");
+    rt.block_on(async {
+        for pod in [&a, &b] {
+            let n = metric(pod, "apiward_sidecar_identity_certificates_total").await;
+            assert!(n >= 3.0, "{} received {n} certificates in ~20 s of 5 s certificates", pod.ns);
+        }
+        let refused = metric(&a, "apiward_sidecar_outbound_connections_total{route=\"egress\",result=\"metadata_address\"}").await;
+        assert_eq!(refused, 1.0);
+        let plaintext = metric(&b, "apiward_sidecar_handshake_failures_total{reason=\"plaintext_refused\"}").await;
+        assert_eq!(plaintext, 2.0);
+    });
+    assert!(
+        op.counters
+            .issued
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 9
+    );
+
+    lab.stop_all();
+    // B's app only ever saw connections from its own sidecar, on loopback.
+    assert_eq!(
+        *seen_from.lock().unwrap(),
+        BTreeSet::from(["127.0.0.1".to_owned()])
+    );
+    // On the wire: TLS handshakes, and none of the request lines the apps sent in clear,
+    // except the non-meshed caller's (which shows the capture does see plaintext).
+    let wire = std::fs::read(&pcap).unwrap();
+    assert!(
+        contains(&wire, b"GET /orders/plaintext-probe"),
+        "the capture missed the plaintext probe"
+    );
+    assert!(
+        contains(&wire, &[0x16, 0x03, 0x01]),
+        "no TLS ClientHello on the wire"
+    );
+    for clear in [
+        &b"GET /orders/mesh-probe"[..],
+        b"GET /orders/from-c",
+        b"GET /orders/load",
+        b"x-apiward-principal",
+    ] {
+        assert!(
+            !contains(&wire, clear),
+            "{} appears in clear on the wire",
+            String::from_utf8_lossy(clear)
+        );
+    }
+    // The refused egress is in A's log with its destination and reason.
+    let log_a = std::fs::read_to_string(dir.join("sidecar-a.log")).unwrap();
+    let line = log_a
+        .lines()
+        .find(|l| l.contains("outbound connection refused") && l.contains("169.254.169.254:80"))
+        .unwrap_or_else(|| panic!("no refusal logged for the metadata address:\n{log_a}"));
+    assert!(line.contains("metadata_address"), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
