@@ -7,6 +7,7 @@
 //! refusal with a reason.
 
 pub mod ca;
+pub mod kube;
 pub mod tokens;
 
 use std::fmt;
