@@ -183,8 +183,22 @@ async fn a_sidecar_gets_its_identity_and_serves_mtls_with_it() {
     assert!(became_ready, "the sidecar never became ready");
     assert_eq!(op.counters.issued.load(Ordering::Relaxed), 1);
     // The certificate it presents is its own SPIFFE ID, issued by the mesh CA.
-    let (_, spiffe) = presented(bound.inbound.port(), &op.ca).await;
+    let (serial, spiffe) = presented(bound.inbound.port(), &op.ca).await;
     assert_eq!(spiffe, "spiffe://cluster.local/ns/shop/sa/users");
+    // The sidecar reports the certificate it serves: serial and expiry.
+    let dump: serde_json::Value = reqwest::get(format!("http://{}/config_dump", bound.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let strip = |s: &str| s.replace(':', "").trim_start_matches('0').to_lowercase();
+    assert_eq!(
+        strip(dump["identity"]["serial"].as_str().unwrap()),
+        strip(&serial)
+    );
+    assert_eq!(dump["identity"]["spiffeId"], spiffe);
+    assert!(dump["identity"]["notAfterUnix"].as_i64().unwrap() > now() + 3000);
     // checkout is allowed by SPIFFE ID; another service account is not.
     let r = client.get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);

@@ -92,8 +92,13 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
             let dump = active.as_deref().map_or(Value::Null, |a| {
                 let mut policy = serde_json::to_value(&a.config).unwrap_or(Value::Null);
                 redact(&mut policy);
+                let identity = shared.identity.as_ref().and_then(|id| id.current()).map(|i| {
+                    serde_json::json!({"spiffeId": i.spiffe_id, "serial": i.serial, "notAfterUnix": i.expires_unix, "receivedUnix": i.issued_unix})
+                });
                 serde_json::json!({
                     "version": a.version(),
+                    "identity": identity,
+                    "outbound": a.settings.outbound,
                     "inbound": {"listen": a.settings.inbound.listen.to_string(), "port": a.settings.inbound.port, "upstream": a.settings.inbound.upstream().to_string()},
                     "policy": policy,
                 })

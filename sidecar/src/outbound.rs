@@ -20,13 +20,13 @@ use ipnet::IpNet;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::state::Shared;
 
 /// The `outbound` block of the settings file.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutboundSettings {
     /// Listen address for redirected connections (default `127.0.0.1:15001`).
@@ -51,7 +51,7 @@ fn default_connect_timeout() -> String {
 }
 
 /// Workloads reached over mTLS.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshedDestination {
     /// Addresses (CIDRs or single IPs) of the destination's pods.
@@ -64,7 +64,7 @@ pub struct MeshedDestination {
 }
 
 /// The egress policy for destinations outside the mesh.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Egress {
     /// What happens to a destination no rule allows (default `Deny`).
@@ -81,7 +81,7 @@ pub struct Egress {
 }
 
 /// The egress default.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 pub enum EgressDefault {
     /// Refuse destinations no rule allows.
     #[default]
@@ -91,7 +91,7 @@ pub enum EgressDefault {
 }
 
 /// One allowed destination.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EgressRule {
     /// A name for logs and metrics.
@@ -112,7 +112,7 @@ pub struct EgressRule {
 }
 
 /// TLS originated by the sidecar for an egress destination.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EgressTls {
     /// The name the server certificate must carry (also sent as SNI).
