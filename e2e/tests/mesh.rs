@@ -10,140 +10,15 @@
 //! Needs root, `ip`, `iptables`, `tcpdump` and `setpriv` (scripts/test installs them).
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apiward::identity::{AUDIENCE, Ca, LocalTokens};
+use apiward_e2e::mesh::{APP_PORT, SIDECAR_UID, get, sidecar_binary, sidecar_settings, start_app};
 use apiward_e2e::netns::{Lab, Pod, require};
 use apiward_e2e::{now, start_operator, tempdir};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
-
-const SIDECAR_UID: u32 = 1337;
-const APP_PORT: u16 = 8080;
-
-/// The sidecar binary, copied where the sidecar's UID can run it.
-fn sidecar_binary(dir: &Path) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let built = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("apiward-sidecar"))
-        .expect("target dir");
-    assert!(
-        built.exists(),
-        "{} is missing: build it first (`cargo build -p apiward-sidecar`; scripts/test does)",
-        built.display()
-    );
-    let to = dir.join("apiward-sidecar");
-    std::fs::copy(&built, &to).expect("copy the sidecar binary");
-    to
-}
-
-fn settings(
-    pod: &str,
-    sa: &str,
-    gateway: Ipv4Addr,
-    dir: &Path,
-    b: Ipv4Addr,
-    rules: serde_json::Value,
-) -> PathBuf {
-    let s = json!({
-        "inbound": {"listen": "0.0.0.0:15006", "port": APP_PORT, "upstream": format!("127.0.0.1:{APP_PORT}")},
-        "admin": {"listen": "0.0.0.0:15020"},
-        "identity": {"url": format!("https://{gateway}:15012"), "tokenFile": dir.join(format!("token-{pod}")), "caFile": dir.join("trust-bundle.pem")},
-        "outbound": {
-            "listen": "127.0.0.1:15001",
-            "meshed": [{"cidrs": [format!("{b}/32")], "ports": [APP_PORT], "identity": "spiffe://cluster.local/ns/shop/sa/orders"}],
-        },
-        "policy": {
-            "apiVersion": "apiward.io/sidecar/v1alpha1",
-            "version": "mesh-1",
-            "workload": {"namespace": "shop", "name": format!("{sa}-0"), "serviceAccount": sa},
-            "trustDomain": "cluster.local",
-            "ports": [{"port": APP_PORT, "policies": ["shop/orders"], "mtls": "Strict", "mode": "Enforce", "rules": rules}]
-        }
-    });
-    let path = dir.join(format!("sidecar-{pod}.json"));
-    std::fs::write(&path, s.to_string()).unwrap();
-    path
-}
-
-/// The app in pod b: answers with the principal its sidecar forwarded and records the
-/// address every connection came from.
-fn start_app(b: &Pod, seen_from: Arc<Mutex<BTreeSet<String>>>) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    b.thread(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind(("0.0.0.0", APP_PORT))
-                .await
-                .unwrap();
-            tx.send(()).unwrap();
-            loop {
-                let (tcp, from) = listener.accept().await.unwrap();
-                seen_from.lock().unwrap().insert(from.ip().to_string());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let who = req
-                                .headers()
-                                .get("x-apiward-principal")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_owned();
-                            async move {
-                                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                    Bytes::from(json!({"principal": who}).to_string()),
-                                )))
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
-                });
-            }
-        });
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("the app in pod b started");
-}
-
-/// One plain HTTP/1.1 GET on a new connection, as an app would send it.
-async fn get(to: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to))
-        .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| format!("connect: {e}"))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header("host", to.to_string())
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
-        .await
-        .map_err(|_| "response timed out".to_owned())?
-        .map_err(|e| format!("request: {e}"))?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("body: {e}"))?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
 
 /// Runs `requests` GETs (one per new connection) from inside `pod`.
 fn get_from(
@@ -192,7 +67,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
     require(&["ip", "iptables", "tcpdump", "setpriv"]);
     let dir = tempdir("mesh");
-    let bin = sidecar_binary(&dir);
+    let bin = sidecar_binary(&dir, "debug");
     let mut lab = Lab::new();
     let (a, b, c, x) = (
         lab.pod("a", 2),
@@ -225,7 +100,7 @@ fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
     // Pod b's app, listening on every address of the pod (not just loopback), so the
     // sidecar is the only thing that can keep callers from reaching it directly.
     let seen_from = Arc::new(Mutex::new(BTreeSet::new()));
-    start_app(&b, seen_from.clone());
+    start_app(&b, &[APP_PORT], seen_from.clone());
 
     // Interception rules, then the sidecars (under their own UID, which the rules exempt).
     let bin_s = bin.to_str().unwrap();
@@ -257,7 +132,7 @@ fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
         (&b, "b", "orders"),
         (&c, "c", "other"),
     ] {
-        let cfg = settings(name, sa, gateway, &dir, b.ip, allow_checkout.clone());
+        let cfg = sidecar_settings(name, sa, gateway, &dir, b.ip, allow_checkout.clone());
         let log = dir.join(format!("sidecar-{name}.log"));
         lab.spawn(
             pod,

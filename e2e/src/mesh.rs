@@ -1,0 +1,185 @@
+//! Pieces of a mesh in network namespaces, shared by the mesh test and the mesh benchmark:
+//! the sidecar binary, its settings, a small app, and an app-side HTTP/1.1 client.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+
+use crate::netns::Pod;
+
+/// The UID sidecars run as (the interception rules exempt it).
+pub const SIDECAR_UID: u32 = 1337;
+/// The port the apps serve and the policy protects.
+pub const APP_PORT: u16 = 8080;
+/// The only SPIFFE ID pod b may present.
+pub const ORDERS_ID: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+
+/// The sidecar binary of `profile` (`debug` or `release`), copied into `dir` where the
+/// sidecar's UID can run it.
+pub fn sidecar_binary(dir: &Path, profile: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let target = exe
+        .ancestors()
+        .find(|d| d.file_name().is_some_and(|n| n == "target"))
+        .map(Path::to_path_buf)
+        .expect("the target dir");
+    let built = target.join(profile).join("apiward-sidecar");
+    assert!(
+        built.exists(),
+        "{} is missing: build it first (`cargo build{} -p apiward-sidecar`; scripts/test builds the debug one)",
+        built.display(),
+        if profile == "release" {
+            " --release"
+        } else {
+            ""
+        }
+    );
+    let to = dir.join("apiward-sidecar");
+    std::fs::copy(&built, &to).expect("copy the sidecar binary");
+    to
+}
+
+/// Settings for the sidecar of `pod` (ServiceAccount `sa` in namespace `shop`): identity
+/// from the operator at `gateway:15012`, pod `b` at `b` meshed (it must present
+/// [`ORDERS_ID`]), egress default-deny, and `rules` guarding [`APP_PORT`] in Strict mode.
+pub fn sidecar_settings(
+    pod: &str,
+    sa: &str,
+    gateway: Ipv4Addr,
+    dir: &Path,
+    b: Ipv4Addr,
+    rules: serde_json::Value,
+) -> PathBuf {
+    let s = json!({
+        "inbound": {"listen": "0.0.0.0:15006", "port": APP_PORT, "upstream": format!("127.0.0.1:{APP_PORT}")},
+        "admin": {"listen": "0.0.0.0:15020"},
+        "identity": {"url": format!("https://{gateway}:15012"), "tokenFile": dir.join(format!("token-{pod}")), "caFile": dir.join("trust-bundle.pem")},
+        "outbound": {
+            "listen": "127.0.0.1:15001",
+            "meshed": [{"cidrs": [format!("{b}/32")], "ports": [APP_PORT], "identity": ORDERS_ID}],
+        },
+        "policy": {
+            "apiVersion": "apiward.io/sidecar/v1alpha1",
+            "version": "mesh-1",
+            "workload": {"namespace": "shop", "name": format!("{sa}-0"), "serviceAccount": sa},
+            "trustDomain": "cluster.local",
+            "ports": [{"port": APP_PORT, "policies": ["shop/orders"], "mtls": "Strict", "mode": "Enforce", "rules": rules}]
+        }
+    });
+    let path = dir.join(format!("sidecar-{pod}.json"));
+    std::fs::write(&path, s.to_string()).expect("write the settings");
+    path
+}
+
+/// An app in `pod` on every address of the pod, on each of `ports`: it answers with the
+/// principal its sidecar forwarded and records the address every connection came from.
+pub fn start_app(pod: &Pod, ports: &[u16], seen_from: Arc<Mutex<BTreeSet<String>>>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ports = ports.to_vec();
+    pod.thread(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            for port in ports {
+                let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+                    .await
+                    .expect("bind the app");
+                let seen_from = seen_from.clone();
+                tokio::spawn(async move {
+                    while let Ok((tcp, from)) = listener.accept().await {
+                        if let Ok(mut s) = seen_from.lock() {
+                            s.insert(from.ip().to_string());
+                        }
+                        tokio::spawn(serve_app_conn(tcp));
+                    }
+                });
+            }
+            tx.send(()).expect("started");
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("the app started");
+}
+
+async fn serve_app_conn(tcp: tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let who = req
+            .headers()
+            .get("x-apiward-principal")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        async move {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                json!({"principal": who}).to_string(),
+            ))))
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(tcp), svc)
+        .await;
+}
+
+/// An app-side HTTP/1.1 connection (plain HTTP, as an app would open it).
+pub struct AppClient {
+    send: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    to: SocketAddr,
+}
+
+impl std::fmt::Debug for AppClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppClient").field("to", &self.to).finish()
+    }
+}
+
+impl AppClient {
+    /// Connects to `to`.
+    pub async fn connect(to: SocketAddr) -> Result<Self, String> {
+        let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        Ok(Self { send, to })
+    }
+
+    /// One GET on this connection: status and body.
+    pub async fn get(&mut self, path: &str) -> Result<(u16, String), String> {
+        let req = http::Request::get(path)
+            .header("host", self.to.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), self.send.send_request(req))
+            .await
+            .map_err(|_| "response timed out".to_owned())?
+            .map_err(|e| format!("request: {e}"))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+/// One GET on a new connection.
+pub async fn get(to: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    AppClient::connect(to).await?.get(path).await
+}
