@@ -18,6 +18,8 @@ use crate::netns::Pod;
 pub const SIDECAR_UID: u32 = 1337;
 /// The port the apps serve and the policy protects.
 pub const APP_PORT: u16 = 8080;
+/// A port where pod b's app speaks a non-HTTP protocol (a line echo), tunnelled as opaque TCP.
+pub const ECHO_PORT: u16 = 9000;
 /// The only SPIFFE ID pod b may present.
 pub const ORDERS_ID: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 
@@ -48,7 +50,8 @@ pub fn sidecar_binary(dir: &Path, profile: &str) -> PathBuf {
 
 /// Settings for the sidecar of `pod` (ServiceAccount `sa` in namespace `shop`): identity
 /// from the operator at `gateway:15012`, pod `b` at `b` meshed (it must present
-/// [`ORDERS_ID`]), egress default-deny, and `rules` guarding [`APP_PORT`] in Strict mode.
+/// [`ORDERS_ID`]; HTTP on [`APP_PORT`], opaque TCP on [`ECHO_PORT`]), egress default-deny,
+/// `rules` guarding [`APP_PORT`] and only `shop/checkout` allowed on [`ECHO_PORT`], Strict.
 pub fn sidecar_settings(
     pod: &str,
     sa: &str,
@@ -63,14 +66,23 @@ pub fn sidecar_settings(
         "identity": {"url": format!("https://{gateway}:15012"), "tokenFile": dir.join(format!("token-{pod}")), "caFile": dir.join("trust-bundle.pem")},
         "outbound": {
             "listen": "127.0.0.1:15001",
-            "meshed": [{"cidrs": [format!("{b}/32")], "ports": [APP_PORT], "identity": ORDERS_ID}],
+            "meshed": [
+                {"cidrs": [format!("{b}/32")], "ports": [APP_PORT], "identity": ORDERS_ID},
+                {"cidrs": [format!("{b}/32")], "ports": [ECHO_PORT], "identity": ORDERS_ID, "protocol": "Opaque"},
+            ],
         },
         "policy": {
             "apiVersion": "apiward.io/sidecar/v1alpha1",
             "version": "mesh-1",
             "workload": {"namespace": "shop", "name": format!("{sa}-0"), "serviceAccount": sa},
             "trustDomain": "cluster.local",
-            "ports": [{"port": APP_PORT, "policies": ["shop/orders"], "mtls": "Strict", "mode": "Enforce", "rules": rules}]
+            "ports": [
+                {"port": APP_PORT, "policies": ["shop/orders"], "mtls": "Strict", "mode": "Enforce", "rules": rules},
+                // Opaque TCP: only checkout, by identity.
+                {"port": ECHO_PORT, "policies": ["shop/orders"], "mtls": "Strict", "mode": "Enforce", "rules": [
+                    {"policy": "shop/orders", "name": "checkout-echo", "action": "Allow",
+                     "from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/checkout"]}]}]},
+            ]
         }
     });
     let path = dir.join(format!("sidecar-{pod}.json"));
@@ -109,6 +121,53 @@ pub fn start_app(pod: &Pod, ports: &[u16], seen_from: Arc<Mutex<BTreeSet<String>
     });
     rx.recv_timeout(Duration::from_secs(5))
         .expect("the app started");
+}
+
+/// A line-echo server (not HTTP) in `pod` on `port`.
+pub fn start_echo(pod: &Pod, port: u16) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    pod.thread(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+                .await
+                .expect("bind the echo server");
+            tx.send(()).expect("started");
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tcp.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("the echo server started");
+}
+
+/// Sends `line` on a new TCP connection to `to` and returns what came back before the
+/// other side closed or 2 s passed.
+pub async fn echo(to: SocketAddr, line: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(to)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    tcp.write_all(line.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut got = vec![0u8; line.len()];
+    let mut n = 0;
+    while n < got.len() {
+        match tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut got[n..])).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(k)) => n += k,
+            Ok(Err(e)) => return Err(format!("read: {e}")),
+        }
+    }
+    Ok(String::from_utf8_lossy(&got[..n]).into_owned())
 }
 
 async fn serve_app_conn(tcp: tokio::net::TcpStream) {

@@ -15,7 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apiward::identity::{AUDIENCE, Ca, LocalTokens};
-use apiward_e2e::mesh::{APP_PORT, SIDECAR_UID, get, sidecar_binary, sidecar_settings, start_app};
+use apiward_e2e::mesh::{
+    APP_PORT, ECHO_PORT, SIDECAR_UID, echo, get, sidecar_binary, sidecar_settings, start_app,
+    start_echo,
+};
 use apiward_e2e::netns::{Lab, Pod, require};
 use apiward_e2e::{now, start_operator, tempdir};
 use serde_json::json;
@@ -101,6 +104,7 @@ fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
     // sidecar is the only thing that can keep callers from reaching it directly.
     let seen_from = Arc::new(Mutex::new(BTreeSet::new()));
     start_app(&b, &[APP_PORT], seen_from.clone());
+    start_echo(&b, ECHO_PORT);
 
     // Interception rules, then the sidecars (under their own UID, which the rules exempt).
     let bin_s = bin.to_str().unwrap();
@@ -205,6 +209,34 @@ fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
     for res in get_from(&x, to_b, "/orders/plaintext-probe", 2) {
         assert!(res.is_err(), "a non-meshed caller got an answer: {res:?}");
     }
+    // Non-HTTP TCP inside mTLS: checkout's line comes back from b's echo server; another
+    // ServiceAccount's connection is closed before it reaches the app.
+    let to_echo = SocketAddr::from((b.ip, ECHO_PORT));
+    let from_a = a
+        .thread(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(echo(to_echo, "ping-opaque-from-a\n"))
+        })
+        .join()
+        .unwrap();
+    assert_eq!(from_a.as_deref(), Ok("ping-opaque-from-a\n"));
+    let from_c = c
+        .thread(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(echo(to_echo, "ping-opaque-from-c\n"))
+        })
+        .join()
+        .unwrap();
+    assert!(
+        from_c.as_deref().map_or(true, str::is_empty),
+        "c got an echo: {from_c:?}"
+    );
     // A → the cloud metadata address: refused by A's egress policy, and logged.
     let metadata = SocketAddr::from(([169, 254, 169, 254], 80));
     for res in get_from(&a, metadata, "/latest/meta-data/", 1) {
@@ -276,6 +308,7 @@ fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
     );
     for clear in [
         &b"GET /orders/mesh-probe"[..],
+        b"ping-opaque",
         b"GET /orders/from-c",
         b"GET /orders/load",
         b"x-apiward-principal",

@@ -24,6 +24,7 @@ pub mod outbound;
 pub mod proxy;
 pub mod settings;
 pub mod state;
+pub mod tcp;
 pub mod tls;
 
 use std::path::{Path, PathBuf};

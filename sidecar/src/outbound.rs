@@ -61,6 +61,20 @@ pub struct MeshedDestination {
     pub ports: Vec<u16>,
     /// The SPIFFE ID the destination must present, e.g. `spiffe://cluster.local/ns/shop/sa/orders`.
     pub identity: String,
+    /// What the app speaks to it (default `Http`). `Opaque`: any TCP protocol; the peer's
+    /// sidecar authorizes the connection by identity and passes the bytes through.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// The application protocol to a meshed destination.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// HTTP: the peer's sidecar applies the HTTP policy to every request.
+    #[default]
+    Http,
+    /// Any TCP protocol, tunnelled as is.
+    Opaque,
 }
 
 /// The egress policy for destinations outside the mesh.
@@ -239,7 +253,16 @@ impl Routes {
                     "outbound.meshed[{i}].identity: must be a SPIFFE ID (spiffe://...)"
                 ));
             }
-            let tls = mesh.map(|mt| mesh_client_config(mt, &m.identity));
+            let tls = mesh.map(|mt| {
+                let cfg = mesh_client_config(mt, &m.identity);
+                if m.protocol == Protocol::Opaque {
+                    let mut c = (*cfg).clone();
+                    c.alpn_protocols = vec![crate::tcp::ALPN.to_vec()];
+                    Arc::new(c)
+                } else {
+                    cfg
+                }
+            });
             meshed.push(Meshed {
                 cidrs: m.cidrs.clone(),
                 ports: m.ports.clone(),
@@ -449,7 +472,7 @@ pub fn mesh_client_config(mesh: &MeshTls, expected: &str) -> Arc<rustls::ClientC
 }
 
 /// The destination the app asked for, before the redirect.
-fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
+pub(crate) fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(tcp);
     let addr = match tcp.local_addr()? {
         SocketAddr::V4(_) => sock.original_dst_v4()?,

@@ -150,10 +150,15 @@ async fn handle_connection(
             .inc();
         return; // fail closed
     };
+    // Redirected by iptables: the port the caller asked for. Connected directly: the app's.
+    let port = crate::outbound::original_dst(&tcp)
+        .ok()
+        .filter(|d| tcp.local_addr().is_ok_and(|l| l != *d))
+        .map_or(active.settings.inbound.port, |d| d.port());
     let mode = active
         .engine
         .as_ref()
-        .map_or(MtlsMode::Strict, |e| e.mtls(active.settings.inbound.port));
+        .map_or(MtlsMode::Strict, |e| e.mtls(port));
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout(active.timeouts.handshake, tcp.peek(&mut first)).await;
     if !matches!(peeked, Ok(Ok(1))) {
@@ -188,25 +193,26 @@ async fn handle_connection(
                 .and_then(|c| c.first())
                 .and_then(crate::tls::spiffe_id)
                 .map(Arc::from);
-            drop(active);
-            let proto = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                Proto::Http2
-            } else {
-                Proto::Http1
+            let info = ConnInfo {
+                peer,
+                source,
+                tls: true,
             };
-            serve_http(
-                stream,
-                proto,
-                ConnInfo {
-                    peer,
-                    source,
-                    tls: true,
-                },
-                shared,
-                upstream,
-            )
-            .await;
+            let proto = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Proto::Http2,
+                Some(crate::tcp::ALPN) => {
+                    return crate::tcp::serve_opaque(stream, port, info, &active, shared).await;
+                }
+                _ => Proto::Http1,
+            };
+            if port != active.settings.inbound.port {
+                // HTTP is served for the app's port only; other ports are opaque TCP.
+                return fail("port_not_served");
+            }
+            drop(active);
+            serve_http(stream, proto, info, shared, upstream).await;
         }
+        (false, _, _) if port != active.settings.inbound.port => fail("port_not_served"),
         (false, _, _) => {
             drop(active);
             serve_http(
@@ -329,7 +335,7 @@ impl Headers for HeaderView<'_> {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -518,7 +524,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 
 impl Caller {
     /// The verified facts the engine decides on.
-    fn identity<'a>(&'a self, info: &'a ConnInfo) -> Identity<'a> {
+    pub(crate) fn identity<'a>(&'a self, info: &'a ConnInfo) -> Identity<'a> {
         Identity {
             peer: info.peer.as_deref(),
             jwt: self.jwt.as_ref().map(|(p, c)| JwtIdentity {
@@ -1143,7 +1149,12 @@ fn record_status_rule(
         .inc();
 }
 
-fn record_simple(shared: &Shared, decision: &'static str, reason: &'static str, status: u16) {
+pub(crate) fn record_simple(
+    shared: &Shared,
+    decision: &'static str,
+    reason: &'static str,
+    status: u16,
+) {
     shared
         .metrics
         .requests
@@ -1160,7 +1171,7 @@ fn record_simple(shared: &Shared, decision: &'static str, reason: &'static str, 
 /// One JSON decision-log line per denied request (allowed ones sampled). Never logs
 /// tokens, keys, header values or query strings.
 #[allow(clippy::too_many_arguments)]
-fn log_decision(
+pub(crate) fn log_decision(
     shared: &Shared,
     active: &Active,
     rid: &str,

@@ -112,7 +112,11 @@ pub fn server_config_with(
         .map_err(|e| TlsError(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(certs);
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![
+        b"h2".to_vec(),
+        b"http/1.1".to_vec(),
+        crate::tcp::ALPN.to_vec(),
+    ];
     Ok(Arc::new(cfg))
 }
 
