@@ -352,7 +352,9 @@ fn request_id(headers: &HeaderMap, shared: &Shared) -> String {
         return id.to_owned();
     }
     let n = shared.counter.fetch_add(1, Ordering::Relaxed);
-    format!("{:x}-{n:x}", std::process::id())
+    // The process id once (glibc does not cache it: a syscall per request otherwise).
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    format!("{:x}-{n:x}", PID.get_or_init(std::process::id))
 }
 
 /// Who the caller is: the mTLS peer plus a verified JWT and/or API key.
