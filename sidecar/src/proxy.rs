@@ -177,8 +177,16 @@ async fn handle_connection(
         (true, MtlsMode::Disabled, _) | (true, _, None) => fail("tls_not_configured"),
         (true, _, Some(cfg)) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+            // A bounded number of handshakes at once: a burst of new connections waits in
+            // the kernel's socket buffers instead of each holding handshake state here.
+            let handshake = async {
+                let _slot = shared.handshakes.acquire().await;
+                acceptor.accept(tcp).await
+            };
+            // Boxed (like the HTTP state below): the connection task then holds only what the
+            // current stage needs, not the largest of every stage's state machine.
             let stream =
-                match tokio::time::timeout(active.timeouts.handshake, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(active.timeouts.handshake, Box::pin(handshake)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::debug!(%source, error = %e, "TLS handshake failed");
@@ -201,7 +209,10 @@ async fn handle_connection(
             let proto = match stream.get_ref().1.alpn_protocol() {
                 Some(b"h2") => Proto::Http2,
                 Some(crate::tcp::ALPN) => {
-                    return crate::tcp::serve_opaque(stream, port, info, &active, shared).await;
+                    return Box::pin(crate::tcp::serve_opaque(
+                        stream, port, info, &active, shared,
+                    ))
+                    .await;
                 }
                 _ => Proto::Http1,
             };
@@ -210,23 +221,17 @@ async fn handle_connection(
                 return fail("port_not_served");
             }
             drop(active);
-            serve_http(stream, proto, info, shared, upstream).await;
+            Box::pin(serve_http(stream, proto, info, shared, upstream)).await;
         }
         (false, _, _) if port != active.settings.inbound.port => fail("port_not_served"),
         (false, _, _) => {
             drop(active);
-            serve_http(
-                tcp,
-                Proto::Detect,
-                ConnInfo {
-                    peer: None,
-                    source,
-                    tls: false,
-                },
-                shared,
-                upstream,
-            )
-            .await;
+            let info = ConnInfo {
+                peer: None,
+                source,
+                tls: false,
+            };
+            Box::pin(serve_http(tcp, Proto::Detect, info, shared, upstream)).await;
         }
     }
 }

@@ -17,6 +17,8 @@ use crate::settings::{Settings, Timeouts};
 
 /// How often JWKS are refreshed when nothing asks sooner.
 pub const JWKS_REFRESH: Duration = Duration::from_secs(300);
+/// TLS handshakes in progress at once; more wait (within the handshake timeout).
+pub const MAX_HANDSHAKES: usize = 32;
 /// Most quota keys held in memory.
 pub const MAX_QUOTA_KEYS: usize = 100_000;
 
@@ -71,6 +73,8 @@ pub struct Shared {
     pub counter: std::sync::atomic::AtomicU64,
     /// The issued mesh identity, when the settings ask for one.
     pub identity: Option<Arc<crate::identity::WorkloadIdentity>>,
+    /// TLS handshakes allowed at once ([`MAX_HANDSHAKES`]).
+    pub handshakes: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Shared {
@@ -92,6 +96,7 @@ impl Shared {
             config_path: config_path.to_owned(),
             counter: Default::default(),
             identity: None,
+            handshakes: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
         }
     }
 
