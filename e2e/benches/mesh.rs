@@ -15,12 +15,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apiward::identity::{AUDIENCE, Ca, LocalTokens};
-use apiward_e2e::mesh::{
-    APP_PORT, AppClient, SIDECAR_UID, get, sidecar_binary, sidecar_settings, start_app,
-};
+use apiward_e2e::mesh::{APP_PORT, AppClient, MeshPod, get, sidecar_binary, start_app, start_mesh};
 use apiward_e2e::netns::{Lab, Pod, require};
-use apiward_e2e::{now, start_operator, tempdir};
+use apiward_e2e::tempdir;
 use serde_json::json;
 
 const DIRECT_PORT: u16 = 8081;
@@ -35,31 +32,23 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 
 /// Sequential requests on one kept-alive connection for `secs`: sorted latencies.
 fn keepalive(pod: &Pod, to: SocketAddr, secs: u64) -> Vec<Duration> {
-    pod.thread(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let mut c = AppClient::connect(to).await.expect("connect");
-            let warm = Instant::now() + Duration::from_millis(500);
-            while Instant::now() < warm {
-                c.get("/warm").await.expect("warm-up request");
-            }
-            let mut out = Vec::new();
-            let until = Instant::now() + Duration::from_secs(secs);
-            while Instant::now() < until {
-                let t = Instant::now();
-                let (status, _) = c.get("/orders").await.expect("request");
-                assert_eq!(status, 200);
-                out.push(t.elapsed());
-            }
-            out.sort();
-            out
-        })
+    pod.block_on(async move {
+        let mut c = AppClient::connect(to).await.expect("connect");
+        let warm = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < warm {
+            c.get("/warm").await.expect("warm-up request");
+        }
+        let mut out = Vec::new();
+        let until = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < until {
+            let t = Instant::now();
+            let (status, _) = c.get("/orders").await.expect("request");
+            assert_eq!(status, 200);
+            out.push(t.elapsed());
+        }
+        out.sort();
+        out
     })
-    .join()
-    .unwrap()
 }
 
 /// `callers` concurrent loops of one request per new connection for `secs`:
@@ -70,41 +59,33 @@ fn new_connections(
     callers: usize,
     secs: u64,
 ) -> (f64, usize, Vec<Duration>) {
-    pod.thread(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let start = Instant::now();
-            let until = start + Duration::from_secs(secs);
-            let mut tasks = Vec::new();
-            for _ in 0..callers {
-                tasks.push(tokio::spawn(async move {
-                    let (mut lat, mut failed) = (Vec::new(), 0usize);
-                    while Instant::now() < until {
-                        let t = Instant::now();
-                        match get(to, "/orders").await {
-                            Ok((200, _)) => lat.push(t.elapsed()),
-                            _ => failed += 1,
-                        }
+    pod.block_on(async move {
+        let start = Instant::now();
+        let until = start + Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        for _ in 0..callers {
+            tasks.push(tokio::spawn(async move {
+                let (mut lat, mut failed) = (Vec::new(), 0usize);
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    match get(to, "/orders").await {
+                        Ok((200, _)) => lat.push(t.elapsed()),
+                        _ => failed += 1,
                     }
-                    (lat, failed)
-                }));
-            }
-            let (mut lat, mut failed) = (Vec::new(), 0);
-            for t in tasks {
-                let (l, f) = t.await.unwrap();
-                lat.extend(l);
-                failed += f;
-            }
-            let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
-            lat.sort();
-            (rate, failed, lat)
-        })
+                }
+                (lat, failed)
+            }));
+        }
+        let (mut lat, mut failed) = (Vec::new(), 0);
+        for t in tasks {
+            let (l, f) = t.await.unwrap();
+            lat.extend(l);
+            failed += f;
+        }
+        let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+        lat.sort();
+        (rate, failed, lat)
     })
-    .join()
-    .unwrap()
 }
 
 fn main() {
@@ -116,77 +97,33 @@ fn main() {
         .unwrap_or(5);
     let dir = tempdir("mesh-bench");
     let bin = sidecar_binary(&dir, "release");
-    let bin_s = bin.to_str().unwrap().to_owned();
     let mut lab = Lab::new();
     let (a, b, x) = (lab.pod("a", 2), lab.pod("b", 3), lab.pod("x", 5));
-    let gateway = lab.gateway();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let ca = Ca::generate("cluster.local", now()).unwrap();
-    let tokens = LocalTokens::generate().unwrap();
-    std::fs::write(dir.join("trust-bundle.pem"), ca.trust_bundle_pem()).unwrap();
-    for (pod, sa) in [("a", "checkout"), ("b", "orders")] {
-        let t = tokens
-            .mint("shop", sa, None, AUDIENCE, now(), 3600)
-            .unwrap();
-        std::fs::write(dir.join(format!("token-{pod}")), t).unwrap();
-    }
-    let gw = gateway.to_string();
-    let _op = rt.block_on(start_operator(
-        ca,
-        tokens,
-        SocketAddr::from((gateway, 15012)),
-        &[&gw],
-        Duration::from_secs(24 * 3600),
-    ));
     start_app(
         &b,
         &[APP_PORT, DIRECT_PORT],
         Arc::new(Mutex::new(BTreeSet::new())),
     );
-    let uid = SIDECAR_UID.to_string();
-    a.exec(&[&bin_s, "init", "--proxy-uid", &uid]);
-    b.exec(&[
-        &bin_s,
-        "init",
-        "--proxy-uid",
-        &uid,
-        "--exclude-inbound-ports",
-        &DIRECT_PORT.to_string(),
-    ]);
     let rules = json!([{"policy": "shop/orders", "name": "checkout-reads", "action": "Allow",
         "from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/checkout"]}],
         "to": [{"methods": ["GET"], "paths": ["/**"]}]}]);
-    for (pod, name, sa) in [(&a, "a", "checkout"), (&b, "b", "orders")] {
-        let cfg = sidecar_settings(name, sa, gateway, &dir, b.ip, rules.clone());
-        let log = dir.join(format!("sidecar-{name}.log"));
-        lab.spawn(
-            pod,
-            Some(SIDECAR_UID),
-            &[
-                &bin_s,
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--log",
-                "warn",
-            ],
-            &log,
-        );
-    }
-    rt.block_on(async {
-        for pod in [&a, &b] {
-            let ready = format!("http://{}:15020/ready", pod.ip);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while !reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) {
-                assert!(
-                    Instant::now() < deadline,
-                    "the sidecar in {} never became ready",
-                    pod.ns
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    });
+    let direct = DIRECT_PORT.to_string();
+    let pods: [MeshPod<'_>; 2] = [
+        (&a, "a", "checkout", &[]),
+        (&b, "b", "orders", &["--exclude-inbound-ports", &direct]),
+    ];
+    let _op = start_mesh(
+        &mut lab,
+        &rt,
+        &dir,
+        &bin,
+        &pods,
+        b.ip,
+        &rules,
+        Duration::from_secs(24 * 3600),
+        &["--log", "warn"],
+    );
 
     let mesh_to = SocketAddr::from((b.ip, APP_PORT));
     let direct_to = SocketAddr::from((b.ip, DIRECT_PORT));

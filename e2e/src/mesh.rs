@@ -12,7 +12,10 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 
-use crate::netns::Pod;
+use apiward::identity::{AUDIENCE, Ca, LocalTokens};
+
+use crate::netns::{Lab, Pod};
+use crate::{Operator, now, start_operator};
 
 /// The UID sidecars run as (the interception rules exempt it).
 pub const SIDECAR_UID: u32 = 1337;
@@ -241,4 +244,74 @@ impl AppClient {
 /// One GET on a new connection.
 pub async fn get(to: SocketAddr, path: &str) -> Result<(u16, String), String> {
     AppClient::connect(to).await?.get(path).await
+}
+
+/// One meshed pod: the pod, a short name (for files), its ServiceAccount in `shop`, and
+/// extra `apiward-sidecar init` arguments.
+pub type MeshPod<'a> = (&'a Pod, &'a str, &'a str, &'a [&'a str]);
+
+/// Starts a mesh in `lab`: the operator's identity endpoint on the lab's gateway (local CA,
+/// certificates of `lifetime`), a token per pod, the interception rules (`init`), and the
+/// sidecars under [`SIDECAR_UID`] (settings from [`sidecar_settings`] with pod b at `b`,
+/// logs in `dir/sidecar-<name>.log`, `run_args` appended). Returns once every sidecar is
+/// ready.
+#[allow(clippy::too_many_arguments)]
+pub fn start_mesh(
+    lab: &mut Lab,
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    bin: &Path,
+    pods: &[MeshPod<'_>],
+    b: Ipv4Addr,
+    rules: &serde_json::Value,
+    lifetime: Duration,
+    run_args: &[&str],
+) -> Operator {
+    let gateway = lab.gateway();
+    let ca = Ca::generate("cluster.local", now()).expect("CA");
+    let tokens = LocalTokens::generate().expect("token key");
+    std::fs::write(dir.join("trust-bundle.pem"), ca.trust_bundle_pem()).expect("bundle");
+    for (_, name, sa, _) in pods {
+        let t = tokens
+            .mint("shop", sa, None, AUDIENCE, now(), 3600)
+            .expect("token");
+        std::fs::write(dir.join(format!("token-{name}")), t).expect("token file");
+    }
+    let gw = gateway.to_string();
+    let op = rt.block_on(start_operator(
+        ca,
+        tokens,
+        SocketAddr::from((gateway, 15012)),
+        &[&gw],
+        lifetime,
+    ));
+    let bin = bin.to_str().expect("UTF-8 path");
+    let uid = SIDECAR_UID.to_string();
+    for (pod, name, sa, init_args) in pods {
+        pod.exec(&[&[bin, "init", "--proxy-uid", &uid][..], init_args].concat());
+        let cfg = sidecar_settings(name, sa, gateway, dir, b, rules.clone());
+        let log = dir.join(format!("sidecar-{name}.log"));
+        let cfg = cfg.to_str().expect("UTF-8 path");
+        lab.spawn(
+            pod,
+            Some(SIDECAR_UID),
+            &[&[bin, "run", "--config", cfg][..], run_args].concat(),
+            &log,
+        );
+    }
+    rt.block_on(async {
+        for (pod, ..) in pods {
+            let ready = SocketAddr::from((pod.ip, 15020));
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while !matches!(get(ready, "/ready").await, Ok((200, _))) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the sidecar in {} never became ready",
+                    pod.ns
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    op
 }

@@ -212,4 +212,22 @@ impl Pod {
             f()
         })
     }
+
+    /// Runs `fut` to completion inside the pod (a thread in its namespace with a
+    /// current-thread tokio runtime) and returns its output.
+    pub fn block_on<F>(&self, fut: F) -> F::Output
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.thread(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(fut)
+        })
+        .join()
+        .expect("the pod's thread panicked")
+    }
 }

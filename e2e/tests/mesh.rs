@@ -14,13 +14,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apiward::identity::{AUDIENCE, Ca, LocalTokens};
 use apiward_e2e::mesh::{
-    APP_PORT, ECHO_PORT, SIDECAR_UID, echo, get, sidecar_binary, sidecar_settings, start_app,
-    start_echo,
+    APP_PORT, ECHO_PORT, MeshPod, SIDECAR_UID, echo, get, sidecar_binary, start_app, start_echo,
+    start_mesh,
 };
 use apiward_e2e::netns::{Lab, Pod, require};
-use apiward_e2e::{now, start_operator, tempdir};
+use apiward_e2e::tempdir;
 use serde_json::json;
 
 /// Runs `requests` GETs (one per new connection) from inside `pod`.
@@ -30,21 +29,13 @@ fn get_from(
     path: &'static str,
     requests: usize,
 ) -> Vec<Result<(u16, String), String>> {
-    pod.thread(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let mut out = Vec::new();
-            for _ in 0..requests {
-                out.push(get(to, path).await);
-            }
-            out
-        })
+    pod.block_on(async move {
+        let mut out = Vec::new();
+        for _ in 0..requests {
+            out.push(get(to, path).await);
+        }
+        out
     })
-    .join()
-    .unwrap()
 }
 
 /// A counter's value in a sidecar's `/metrics` (0 when absent).
@@ -78,27 +69,7 @@ fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
         lab.pod("c", 4),
         lab.pod("x", 5),
     );
-    let gateway = lab.gateway();
     let rt = tokio::runtime::Runtime::new().unwrap();
-
-    // The operator's identity endpoint on the bridge, issuing 5-second certificates.
-    let ca = Ca::generate("cluster.local", now()).unwrap();
-    let tokens = LocalTokens::generate().unwrap();
-    std::fs::write(dir.join("trust-bundle.pem"), ca.trust_bundle_pem()).unwrap();
-    for (pod, sa) in [("a", "checkout"), ("b", "orders"), ("c", "other")] {
-        let t = tokens
-            .mint("shop", sa, None, AUDIENCE, now(), 3600)
-            .unwrap();
-        std::fs::write(dir.join(format!("token-{pod}")), t).unwrap();
-    }
-    let gw = gateway.to_string();
-    let op = rt.block_on(start_operator(
-        ca,
-        tokens,
-        SocketAddr::from((gateway, 15012)),
-        &[&gw],
-        Duration::from_secs(5),
-    ));
 
     // Pod b's app, listening on every address of the pod (not just loopback), so the
     // sidecar is the only thing that can keep callers from reaching it directly.
@@ -106,12 +77,30 @@ fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
     start_app(&b, &[APP_PORT], seen_from.clone());
     start_echo(&b, ECHO_PORT);
 
-    // Interception rules, then the sidecars (under their own UID, which the rules exempt).
-    let bin_s = bin.to_str().unwrap();
-    for pod in [&a, &b, &c] {
-        pod.exec(&[bin_s, "init", "--proxy-uid", &SIDECAR_UID.to_string()]);
-    }
+    // The operator's identity endpoint on the bridge (5-second certificates), the
+    // interception rules, and the sidecars under their own UID (which the rules exempt).
+    let allow_checkout = json!([{"policy": "shop/orders", "name": "checkout-reads", "action": "Allow",
+        "from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/checkout"]}],
+        "to": [{"methods": ["GET"], "paths": ["/**"]}]}]);
+    let pods: [MeshPod<'_>; 3] = [
+        (&a, "a", "checkout", &[]),
+        (&b, "b", "orders", &[]),
+        (&c, "c", "other", &[]),
+    ];
+    let op = start_mesh(
+        &mut lab,
+        &rt,
+        &dir,
+        &bin,
+        &pods,
+        b.ip,
+        &allow_checkout,
+        Duration::from_secs(5),
+        &[],
+    );
+
     // init is idempotent: running it again leaves the same rules.
+    let bin_s = bin.to_str().unwrap();
     let before = String::from_utf8(b.exec(&["iptables-save", "-t", "nat"]).stdout).unwrap();
     b.exec(&[bin_s, "init", "--proxy-uid", &SIDECAR_UID.to_string()]);
     let after = String::from_utf8(b.exec(&["iptables-save", "-t", "nat"]).stdout).unwrap();
@@ -127,41 +116,6 @@ fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
         "a second init changed the rules"
     );
     assert!(after.contains("-A APIWARD_OUTPUT -m owner --uid-owner 1337 -j RETURN"));
-
-    let allow_checkout = json!([{"policy": "shop/orders", "name": "checkout-reads", "action": "Allow",
-        "from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/checkout"]}],
-        "to": [{"methods": ["GET"], "paths": ["/**"]}]}]);
-    for (pod, name, sa) in [
-        (&a, "a", "checkout"),
-        (&b, "b", "orders"),
-        (&c, "c", "other"),
-    ] {
-        let cfg = sidecar_settings(name, sa, gateway, &dir, b.ip, allow_checkout.clone());
-        let log = dir.join(format!("sidecar-{name}.log"));
-        lab.spawn(
-            pod,
-            Some(SIDECAR_UID),
-            &[bin_s, "run", "--config", cfg.to_str().unwrap()],
-            &log,
-        );
-    }
-    rt.block_on(async {
-        for pod in [&a, &b, &c] {
-            let ready = format!("http://{}:15020/ready", pod.ip);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                if reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the sidecar in {} never became ready",
-                    pod.ns
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    });
 
     // Capture everything on pod b's wire while the apps talk.
     let pcap = dir.join("b.pcap");
@@ -212,27 +166,9 @@ fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
     // Non-HTTP TCP inside mTLS: checkout's line comes back from b's echo server; another
     // ServiceAccount's connection is closed before it reaches the app.
     let to_echo = SocketAddr::from((b.ip, ECHO_PORT));
-    let from_a = a
-        .thread(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(echo(to_echo, "ping-opaque-from-a\n"))
-        })
-        .join()
-        .unwrap();
+    let from_a = a.block_on(echo(to_echo, "ping-opaque-from-a\n"));
     assert_eq!(from_a.as_deref(), Ok("ping-opaque-from-a\n"));
-    let from_c = c
-        .thread(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(echo(to_echo, "ping-opaque-from-c\n"))
-        })
-        .join()
-        .unwrap();
+    let from_c = c.block_on(echo(to_echo, "ping-opaque-from-c\n"));
     assert!(
         from_c.as_deref().map_or(true, str::is_empty),
         "c got an echo: {from_c:?}"
@@ -245,25 +181,18 @@ fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
 
     // Rotation under load: 5 s certificates, 12 s of requests from a, each on a new
     // connection (a fresh mTLS handshake A → B), none may fail.
-    let load = a.thread(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let (mut ok, mut failed) = (0usize, Vec::new());
-            let until = Instant::now() + Duration::from_secs(12);
-            while Instant::now() < until {
-                match get(to_b, "/orders/load").await {
-                    Ok((200, _)) => ok += 1,
-                    other => failed.push(format!("{other:?}")),
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+    let (ok, failed) = a.block_on(async move {
+        let (mut ok, mut failed) = (0usize, Vec::new());
+        let until = Instant::now() + Duration::from_secs(12);
+        while Instant::now() < until {
+            match get(to_b, "/orders/load").await {
+                Ok((200, _)) => ok += 1,
+                other => failed.push(format!("{other:?}")),
             }
-            (ok, failed)
-        })
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (ok, failed)
     });
-    let (ok, failed) = load.join().unwrap();
     assert!(
         failed.is_empty(),
         "{} of {} requests failed during rotation: {:?}",
