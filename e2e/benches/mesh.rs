@@ -15,10 +15,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apiward_e2e::mesh::{APP_PORT, AppClient, MeshPod, get, sidecar_binary, start_app, start_mesh};
+use apiward_e2e::mesh::{
+    APP_PORT, AppClient, MeshPod, allow_checkout_get, get, sidecar_binary, start_app, start_mesh,
+};
 use apiward_e2e::netns::{Lab, Pod, require};
 use apiward_e2e::tempdir;
-use serde_json::json;
 
 const DIRECT_PORT: u16 = 8081;
 
@@ -105,9 +106,7 @@ fn main() {
         &[APP_PORT, DIRECT_PORT],
         Arc::new(Mutex::new(BTreeSet::new())),
     );
-    let rules = json!([{"policy": "shop/orders", "name": "checkout-reads", "action": "Allow",
-        "from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/checkout"]}],
-        "to": [{"methods": ["GET"], "paths": ["/**"]}]}]);
+    let rules = allow_checkout_get();
     let direct = DIRECT_PORT.to_string();
     let pods: [MeshPod<'_>; 2] = [
         (&a, "a", "checkout", &[]),

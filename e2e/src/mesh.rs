@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -93,62 +94,53 @@ pub fn sidecar_settings(
     path
 }
 
+/// Listens in `pod` on every address of the pod, on each of `ports`, and hands each
+/// connection to `on_conn` (a task per connection). Returns once listening.
+fn serve_in<F, Fut>(pod: &Pod, ports: &[u16], on_conn: F)
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ports = ports.to_vec();
+    let on_conn = Arc::new(on_conn);
+    pod.spawn(async move {
+        for port in ports {
+            let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+                .await
+                .expect("bind in the pod");
+            let on_conn = on_conn.clone();
+            tokio::spawn(async move {
+                while let Ok((tcp, from)) = listener.accept().await {
+                    tokio::spawn(on_conn(tcp, from));
+                }
+            });
+        }
+        tx.send(()).expect("started");
+        std::future::pending::<()>().await;
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("the server in the pod started");
+}
+
 /// An app in `pod` on every address of the pod, on each of `ports`: it answers with the
 /// principal its sidecar forwarded and records the address every connection came from.
 pub fn start_app(pod: &Pod, ports: &[u16], seen_from: Arc<Mutex<BTreeSet<String>>>) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let ports = ports.to_vec();
-    pod.thread(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            for port in ports {
-                let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
-                    .await
-                    .expect("bind the app");
-                let seen_from = seen_from.clone();
-                tokio::spawn(async move {
-                    while let Ok((tcp, from)) = listener.accept().await {
-                        if let Ok(mut s) = seen_from.lock() {
-                            s.insert(from.ip().to_string());
-                        }
-                        tokio::spawn(serve_app_conn(tcp));
-                    }
-                });
-            }
-            tx.send(()).expect("started");
-            std::future::pending::<()>().await;
-        });
+    let hits = Arc::new(AtomicUsize::new(0));
+    serve_in(pod, ports, move |tcp, from| {
+        if let Ok(mut s) = seen_from.lock() {
+            s.insert(from.ip().to_string());
+        }
+        serve_app_conn(tcp, hits.clone())
     });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("the app started");
 }
 
 /// A line-echo server (not HTTP) in `pod` on `port`.
 pub fn start_echo(pod: &Pod, port: u16) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    pod.thread(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
-                .await
-                .expect("bind the echo server");
-            tx.send(()).expect("started");
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = tcp.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
+    serve_in(pod, &[port], |mut tcp, _| async move {
+        let (mut r, mut w) = tcp.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
     });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("the echo server started");
 }
 
 /// Sends `line` on a new TCP connection to `to` and returns what came back before the
@@ -173,9 +165,12 @@ pub async fn echo(to: SocketAddr, line: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&got[..n]).into_owned())
 }
 
-async fn serve_app_conn(tcp: tokio::net::TcpStream) {
+/// Serves HTTP/1.1 on `tcp` as the test app: every request (counted in `hits`) is answered
+/// with `{"principal": <the x-apiward-principal header>}`.
+pub async fn serve_app_conn(tcp: tokio::net::TcpStream, hits: Arc<AtomicUsize>) {
     let _ = tcp.set_nodelay(true);
     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        hits.fetch_add(1, Ordering::SeqCst);
         let who = req
             .headers()
             .get("x-apiward-principal")
@@ -244,6 +239,13 @@ impl AppClient {
 /// One GET on a new connection.
 pub async fn get(to: SocketAddr, path: &str) -> Result<(u16, String), String> {
     AppClient::connect(to).await?.get(path).await
+}
+
+/// The HTTP rules of pod b in the test and the benchmark: only `shop/checkout`, GET.
+pub fn allow_checkout_get() -> serde_json::Value {
+    json!([{"policy": "shop/orders", "name": "checkout-reads", "action": "Allow",
+        "from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/checkout"]}],
+        "to": [{"methods": ["GET"], "paths": ["/**"]}]}])
 }
 
 /// One meshed pod: the pod, a short name (for files), its ServiceAccount in `shop`, and

@@ -213,9 +213,9 @@ impl Pod {
         })
     }
 
-    /// Runs `fut` to completion inside the pod (a thread in its namespace with a
-    /// current-thread tokio runtime) and returns its output.
-    pub fn block_on<F>(&self, fut: F) -> F::Output
+    /// Runs `fut` inside the pod on a new thread (in its namespace, with a current-thread
+    /// tokio runtime); join the handle for its output.
+    pub fn spawn<F>(&self, fut: F) -> std::thread::JoinHandle<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
@@ -227,7 +227,14 @@ impl Pod {
                 .expect("runtime")
                 .block_on(fut)
         })
-        .join()
-        .expect("the pod's thread panicked")
+    }
+
+    /// Runs `fut` to completion inside the pod and returns its output.
+    pub fn block_on<F>(&self, fut: F) -> F::Output
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.spawn(fut).join().expect("the pod's thread panicked")
     }
 }

@@ -8,10 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use apiward::identity::{AUDIENCE, Ca, LocalTokens, SpiffeId};
+use apiward_e2e::mesh::serve_app_conn;
 use apiward_e2e::{Operator, now, start_operator, tempdir};
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
 fn free_port() -> u16 {
@@ -34,36 +32,15 @@ async fn operator_on(ca: Ca, tokens: LocalTokens, port: u16, lifetime: Duration)
     .await
 }
 
-/// An app that answers with the principal the sidecar forwarded.
+/// An app that answers with the principal the sidecar forwarded, counting requests.
 async fn start_app() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let h = hits.clone();
     tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let h = h.clone();
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        h.fetch_add(1, Ordering::SeqCst);
-                        let who = req
-                            .headers()
-                            .get("x-apiward-principal")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                Bytes::from(json!({"principal": who}).to_string()),
-                            )))
-                        }
-                    });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(serve_app_conn(tcp, h.clone()));
         }
     });
     (addr, hits)

@@ -15,12 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apiward_e2e::mesh::{
-    APP_PORT, ECHO_PORT, MeshPod, SIDECAR_UID, echo, get, sidecar_binary, start_app, start_echo,
-    start_mesh,
+    APP_PORT, ECHO_PORT, MeshPod, SIDECAR_UID, allow_checkout_get, echo, get, sidecar_binary,
+    start_app, start_echo, start_mesh,
 };
 use apiward_e2e::netns::{Lab, Pod, require};
 use apiward_e2e::tempdir;
-use serde_json::json;
 
 /// Runs `requests` GETs (one per new connection) from inside `pod`.
 fn get_from(
@@ -79,9 +78,7 @@ fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
 
     // The operator's identity endpoint on the bridge (5-second certificates), the
     // interception rules, and the sidecars under their own UID (which the rules exempt).
-    let allow_checkout = json!([{"policy": "shop/orders", "name": "checkout-reads", "action": "Allow",
-        "from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/checkout"]}],
-        "to": [{"methods": ["GET"], "paths": ["/**"]}]}]);
+    let allow_checkout = allow_checkout_get();
     let pods: [MeshPod<'_>; 3] = [
         (&a, "a", "checkout", &[]),
         (&b, "b", "orders", &[]),

@@ -90,7 +90,8 @@ fn bench(c: &mut Criterion) {
         client_auth: Arc::new(StaticClientCert(leaf(&issuer, "checkout"))),
         roots,
     };
-    let resuming = mesh_client_config(&mesh, "spiffe://cluster.local/ns/shop/sa/orders");
+    let resuming =
+        mesh_client_config(&mesh, "spiffe://cluster.local/ns/shop/sa/orders", vec![]).unwrap();
     let mut full = (*resuming).clone();
     full.resumption = rustls::client::Resumption::disabled();
     let full = Arc::new(full);

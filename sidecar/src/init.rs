@@ -15,26 +15,35 @@ pub const INBOUND_CHAIN: &str = "APIWARD_INBOUND";
 /// The chain the app's packets jump to from `OUTPUT`.
 pub const OUTPUT_CHAIN: &str = "APIWARD_OUTPUT";
 
-/// What to intercept.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What to intercept (also the `apiward-sidecar init` flags).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct InitOptions {
     /// The inbound listener's port.
+    #[arg(long, default_value_t = 15006)]
     pub inbound_port: u16,
     /// The outbound listener's port.
+    #[arg(long, default_value_t = 15001)]
     pub outbound_port: u16,
     /// The UID the sidecar runs as (its traffic is never redirected).
+    #[arg(long, default_value_t = 1337)]
     pub proxy_uid: u32,
     /// The admin port (reached directly by kubelet probes and Prometheus).
+    #[arg(long, default_value_t = 15020)]
     pub admin_port: u16,
-    /// Only these inbound ports are redirected (empty: all).
+    /// Only these inbound ports are redirected (comma-separated; empty: all).
+    #[arg(long, value_delimiter = ',')]
     pub inbound_ports: Vec<u16>,
-    /// Inbound ports never redirected.
+    /// Inbound ports never redirected (comma-separated).
+    #[arg(long, value_delimiter = ',')]
     pub exclude_inbound_ports: Vec<u16>,
-    /// Outbound destination ports never redirected.
+    /// Outbound destination ports never redirected (comma-separated).
+    #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_ports: Vec<u16>,
-    /// Outbound destination CIDRs never redirected.
+    /// Outbound destination CIDRs never redirected (comma-separated).
+    #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_cidrs: Vec<ipnet::IpNet>,
     /// IPv6 rules (ip6tables) rather than IPv4.
+    #[arg(long)]
     pub ipv6: bool,
 }
 

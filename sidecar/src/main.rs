@@ -40,76 +40,28 @@ enum Command {
         /// Remove the rules instead.
         #[arg(long, conflicts_with = "dry_run")]
         remove: bool,
-        /// The sidecar's UID (its own connections are never redirected).
-        #[arg(long, default_value_t = 1337)]
-        proxy_uid: u32,
-        /// Inbound listener port.
-        #[arg(long, default_value_t = 15006)]
-        inbound_port: u16,
-        /// Outbound listener port.
-        #[arg(long, default_value_t = 15001)]
-        outbound_port: u16,
-        /// Admin port (never redirected).
-        #[arg(long, default_value_t = 15020)]
-        admin_port: u16,
-        /// Redirect only these inbound ports (comma-separated; default: all).
-        #[arg(long, value_delimiter = ',')]
-        inbound_ports: Vec<u16>,
-        /// Inbound ports never redirected (comma-separated).
-        #[arg(long, value_delimiter = ',')]
-        exclude_inbound_ports: Vec<u16>,
-        /// Outbound destination ports never redirected (comma-separated).
-        #[arg(long, value_delimiter = ',')]
-        exclude_outbound_ports: Vec<u16>,
-        /// Outbound destination CIDRs never redirected (comma-separated).
-        #[arg(long, value_delimiter = ',')]
-        exclude_outbound_cidrs: Vec<ipnet::IpNet>,
-        /// IPv6 rules (ip6tables).
-        #[arg(long)]
-        ipv6: bool,
         /// The iptables binary (default `iptables`, or `ip6tables` with --ipv6).
         #[arg(long)]
         iptables: Option<String>,
+        #[command(flatten)]
+        rules: apiward_sidecar::init::InitOptions,
     },
 }
 
-fn init(command: Command) -> ExitCode {
-    let Command::Init {
-        dry_run,
-        remove,
-        proxy_uid,
-        inbound_port,
-        outbound_port,
-        admin_port,
-        inbound_ports,
-        exclude_inbound_ports,
-        exclude_outbound_ports,
-        exclude_outbound_cidrs,
-        ipv6,
-        iptables,
-    } = command
-    else {
-        return ExitCode::FAILURE;
-    };
+fn init(
+    dry_run: bool,
+    remove: bool,
+    iptables: Option<&str>,
+    opts: &apiward_sidecar::init::InitOptions,
+) -> ExitCode {
     use apiward_sidecar::init as rules;
-    let opts = rules::InitOptions {
-        inbound_port,
-        outbound_port,
-        proxy_uid,
-        admin_port,
-        inbound_ports,
-        exclude_inbound_ports,
-        exclude_outbound_ports,
-        exclude_outbound_cidrs,
-        ipv6,
-    };
     let done = if dry_run {
         print!("{}", opts.script());
         Ok(())
     } else if remove {
-        rules::remove(ipv6, iptables.as_deref())
+        rules::remove(opts.ipv6, iptables)
     } else {
-        rules::install(&opts, iptables.as_deref())
+        rules::install(opts, iptables)
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,
@@ -121,15 +73,19 @@ fn init(command: Command) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let command = Cli::parse().command;
-    let Command::Run {
-        config,
-        threads,
-        log_format,
-        log,
-    } = command
-    else {
-        return init(command);
+    let (config, threads, log_format, log) = match Cli::parse().command {
+        Command::Run {
+            config,
+            threads,
+            log_format,
+            log,
+        } => (config, threads, log_format, log),
+        Command::Init {
+            dry_run,
+            remove,
+            iptables,
+            rules,
+        } => return init(dry_run, remove, iptables.as_deref(), &rules),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -222,16 +222,17 @@ impl std::fmt::Debug for Route {
     }
 }
 
+/// The AWS instance metadata service's IPv6 address (`fd00:ec2::254`).
+const AWS_METADATA_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+
 /// True for link-local and cloud metadata addresses.
 pub fn is_metadata(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_link_local(),
         IpAddr::V6(v6) => {
             (v6.segments()[0] & 0xffc0) == 0xfe80
-                || v6
-                    == "fd00:ec2::254"
-                        .parse::<std::net::Ipv6Addr>()
-                        .expect("literal")
+                || v6 == AWS_METADATA_V6
                 || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
         }
     }
@@ -253,16 +254,14 @@ impl Routes {
                     "outbound.meshed[{i}].identity: must be a SPIFFE ID (spiffe://...)"
                 ));
             }
-            let tls = mesh.map(|mt| {
-                let cfg = mesh_client_config(mt, &m.identity);
-                if m.protocol == Protocol::Opaque {
-                    let mut c = (*cfg).clone();
-                    c.alpn_protocols = vec![crate::tcp::ALPN.to_vec()];
-                    Arc::new(c)
-                } else {
-                    cfg
-                }
-            });
+            let alpn = match m.protocol {
+                Protocol::Http => vec![],
+                Protocol::Opaque => vec![crate::tcp::ALPN.to_vec()],
+            };
+            let tls = mesh
+                .map(|mt| mesh_client_config(mt, &m.identity, alpn))
+                .transpose()
+                .map_err(|e| format!("outbound.meshed[{i}]: {e}"))?;
             meshed.push(Meshed {
                 cidrs: m.cidrs.clone(),
                 ports: m.ports.clone(),
@@ -453,8 +452,12 @@ fn resumption() -> rustls::client::Resumption {
     rustls::client::Resumption::store(store.clone())
 }
 
-/// The client config for one meshed destination.
-pub fn mesh_client_config(mesh: &MeshTls, expected: &str) -> Arc<rustls::ClientConfig> {
+/// The client config for one meshed destination, offering `alpn` (empty: none).
+pub fn mesh_client_config(
+    mesh: &MeshTls,
+    expected: &str,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let provider = crate::tls::provider();
     let verifier = SpiffeVerifier {
         roots: mesh.roots.clone(),
@@ -462,13 +465,13 @@ pub fn mesh_client_config(mesh: &MeshTls, expected: &str) -> Arc<rustls::ClientC
         provider: provider.clone(),
     };
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("the provider supports TLS 1.3 and 1.2")
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(mesh.client_auth.clone());
     cfg.resumption = resumption();
-    Arc::new(cfg)
+    cfg.alpn_protocols = alpn;
+    Ok(Arc::new(cfg))
 }
 
 /// The destination the app asked for, before the redirect.
@@ -529,54 +532,63 @@ async fn handle(tcp: TcpStream, source: SocketAddr, local: Option<SocketAddr>, s
         tracing::warn!(%source, %dst, reason = "no_config", "outbound connection refused");
         return count("none", "no_config");
     };
+    let timeout = routes.connect_timeout;
     match routes.route(dst).await {
         Route::Refused(reason) => {
             tracing::warn!(%source, %dst, reason, "outbound connection refused");
             count("egress", reason);
         }
-        Route::Meshed { identity, tls } => {
-            let Some(cfg) = tls else {
-                tracing::warn!(%dst, %identity, reason = "no_identity", "outbound connection refused");
-                return count("meshed", "no_identity");
-            };
-            let name = ServerName::IpAddress(dst.ip().into());
-            match connect_tls(dst, name, cfg, routes.connect_timeout).await {
-                Ok(up) => {
-                    count("meshed", "connected");
-                    pipe(tcp, up).await;
-                }
-                Err(e) => {
-                    tracing::warn!(%dst, %identity, error = %e, "meshed connection failed");
-                    count("meshed", "connect_failed");
-                }
-            }
+        Route::Meshed {
+            identity,
+            tls: None,
+        } => {
+            tracing::warn!(%dst, %identity, reason = "no_identity", "outbound connection refused");
+            count("meshed", "no_identity");
         }
-        Route::Egress { rule, tls: None } => match connect(dst, routes.connect_timeout).await {
-            Ok(up) => {
-                tracing::debug!(%dst, rule, "egress allowed");
-                count("egress", "connected");
-                pipe(tcp, up).await;
-            }
-            Err(e) => {
-                tracing::warn!(%dst, rule, error = %e, "egress connection failed");
-                count("egress", "connect_failed");
-            }
-        },
+        Route::Meshed {
+            identity,
+            tls: Some(cfg),
+        } => {
+            let name = ServerName::IpAddress(dst.ip().into());
+            let up = connect_tls(dst, name, cfg, timeout).await;
+            relay(tcp, up, dst, ("meshed", "connect_failed", &identity), count).await;
+        }
+        Route::Egress { rule, tls: None } => {
+            let up = connect(dst, timeout).await;
+            relay(tcp, up, dst, ("egress", "connect_failed", &rule), count).await;
+        }
         Route::Egress {
             rule,
             tls: Some((name, port, cfg)),
         } => {
             let to = SocketAddr::new(dst.ip(), port.unwrap_or(dst.port()));
-            match connect_tls(to, name, cfg, routes.connect_timeout).await {
-                Ok(up) => {
-                    count("egress", "connected");
-                    pipe(tcp, up).await;
-                }
-                Err(e) => {
-                    tracing::warn!(dst = %to, rule, error = %e, "egress TLS connection failed");
-                    count("egress", "tls_failed");
-                }
-            }
+            let up = connect_tls(to, name, cfg, timeout).await;
+            relay(tcp, up, to, ("egress", "tls_failed", &rule), count).await;
+        }
+    }
+}
+
+/// Pipes the app's connection to `up` once connected, or logs and counts why not.
+/// `(route, failure, via)`: the route label, the result label on failure, and the peer's
+/// expected identity or the egress rule that allowed it.
+async fn relay<U>(
+    app: TcpStream,
+    up: std::io::Result<U>,
+    dst: SocketAddr,
+    (route, failure, via): (&'static str, &'static str, &str),
+    count: impl Fn(&'static str, &'static str),
+) where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match up {
+        Ok(up) => {
+            tracing::debug!(%dst, route, via, "outbound connection established");
+            count(route, "connected");
+            pipe(app, up).await;
+        }
+        Err(e) => {
+            tracing::warn!(%dst, route, via, result = failure, error = %e, "outbound connection failed");
+            count(route, failure);
         }
     }
 }

@@ -6,7 +6,7 @@
 //! Every request reads the config that is active when it arrives.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -356,6 +356,11 @@ fn request_id(headers: &HeaderMap, shared: &Shared) -> String {
     {
         return id.to_owned();
     }
+    new_request_id(shared)
+}
+
+/// A request id made here: `<pid>-<counter>`, both hex.
+pub(crate) fn new_request_id(shared: &Shared) -> String {
     let n = shared.counter.fetch_add(1, Ordering::Relaxed);
     // The process id once (glibc does not cache it: a syscall per request otherwise).
     static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
@@ -648,7 +653,7 @@ pub async fn handle(
             query: query.as_deref(),
             headers: &headers_view,
             identity: caller.identity(info),
-            source_ip: normalize_ip(info.source.ip()),
+            source_ip: info.source.ip().to_canonical(),
             now_ms: now_ms(),
         };
         engine.decide(&facts, &shared.quotas, &mut NoTrace)
@@ -735,13 +740,6 @@ pub async fn handle(
         .request_duration
         .observe(start.elapsed().as_secs_f64());
     resp
-}
-
-fn normalize_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 /// Content type, declared body size and JSON depth (when the body is JSON and a depth limit
@@ -876,7 +874,7 @@ async fn forward(
     if let Ok(v) = HeaderValue::from_str(rid) {
         parts.headers.insert("x-request-id", v);
     }
-    let source = normalize_ip(info.source.ip()).to_string();
+    let source = info.source.ip().to_canonical().to_string();
     let xff = match parts
         .headers
         .get("x-forwarded-for")

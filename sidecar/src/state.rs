@@ -148,33 +148,38 @@ pub fn load(
         .map_or(apiward_policy::config::MtlsMode::Strict, |e| {
             e.mtls(settings.inbound.port)
         });
-    // An issued identity wins over files; until it arrives, no TLS (and not ready).
-    let tls = match (identity, &settings.tls) {
+    // The workload's certificate and trust bundle, read once for both directions: the
+    // inbound listener serves them, originated mTLS presents and verifies with them. An
+    // issued identity wins over files; until it arrives, no TLS (and not ready).
+    type Material = (
+        Arc<dyn rustls::server::ResolvesServerCert>,
+        Arc<dyn rustls::client::ResolvesClientCert>,
+        Arc<rustls::RootCertStore>,
+    );
+    let material: Option<Material> = match (identity, &settings.tls) {
         (Some(id), _) if settings.identity.is_some() => id
             .current()
-            .map(|issued| crate::tls::server_config_with(id.clone(), issued.roots.clone(), mode))
-            .transpose(),
-        (_, Some(f)) => crate::tls::server_config(f, mode).map(Some),
-        _ => Ok(None),
-    }
-    .map_err(|e| e.to_string())?;
-    // Originating mTLS uses the same certificate and trust bundle as the inbound listener.
-    let mesh = match (identity, &settings.tls) {
-        (Some(id), _) if settings.identity.is_some() => {
-            id.current().map(|issued| crate::outbound::MeshTls {
-                client_auth: id.clone(),
-                roots: issued.roots.clone(),
-            })
-        }
+            .map(|issued| (id.clone() as _, id.clone() as _, issued.roots.clone())),
         (_, Some(f)) => {
             let (key, roots) = crate::tls::load_files(f).map_err(|e| e.to_string())?;
-            Some(crate::outbound::MeshTls {
-                client_auth: Arc::new(crate::tls::StaticClientCert(key)),
+            let server = rustls::sign::SingleCertAndKey::from(Arc::unwrap_or_clone(key.clone()));
+            Some((
+                Arc::new(server) as _,
+                Arc::new(crate::tls::StaticClientCert(key)) as _,
                 roots,
-            })
+            ))
         }
         _ => None,
     };
+    let tls = material
+        .as_ref()
+        .map(|(server, _, roots)| {
+            crate::tls::server_config_with(server.clone(), roots.clone(), mode)
+        })
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let mesh =
+        material.map(|(_, client_auth, roots)| crate::outbound::MeshTls { client_auth, roots });
     let outbound = settings
         .outbound
         .as_ref()

@@ -11,7 +11,7 @@ use std::time::Instant;
 use apiward_policy::engine::{Headers, NoTrace, Request as Facts};
 use tokio::net::TcpStream;
 
-use crate::proxy::{Caller, ConnInfo, log_decision, now_ms, record_simple};
+use crate::proxy::{Caller, ConnInfo, log_decision, new_request_id, now_ms, record_simple};
 use crate::state::{Active, Shared};
 
 /// The ALPN protocol of an opaque TCP tunnel between sidecars.
@@ -39,7 +39,7 @@ pub async fn serve_opaque<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let start = Instant::now();
-    let rid = format!("tcp-{:x}", now_ms());
+    let rid = new_request_id(shared);
     let Some(engine) = active.engine.as_ref() else {
         record_simple(shared, "deny", "no_config", 0);
         return;
@@ -59,7 +59,7 @@ pub async fn serve_opaque<S>(
         engine.decide(&facts, &shared.quotas, &mut NoTrace)
     };
     let code = d.reason.code();
-    if !d.allowed {
+    let decided = |verdict: &'static str| {
         log_decision(
             shared,
             active,
@@ -68,13 +68,15 @@ pub async fn serve_opaque<S>(
             "/",
             &info,
             Some(&d),
-            "deny",
+            verdict,
             code,
             0,
             start,
         );
-        record_simple(shared, "deny", code, 0);
-        return;
+        record_simple(shared, verdict, code, 0);
+    };
+    if !d.allowed {
+        return decided("deny");
     }
     let app = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut up = match TcpStream::connect(app).await {
@@ -86,20 +88,7 @@ pub async fn serve_opaque<S>(
         }
     };
     let _ = up.set_nodelay(true);
-    log_decision(
-        shared,
-        active,
-        &rid,
-        "TCP",
-        "/",
-        &info,
-        Some(&d),
-        "allow",
-        code,
-        0,
-        start,
-    );
-    record_simple(shared, "allow", code, 0);
+    decided("allow");
     if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut up).await {
         tracing::debug!(error = %e, "opaque TCP connection ended with an error");
     }

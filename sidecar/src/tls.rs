@@ -36,17 +36,6 @@ fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Tl
     Ok(certs)
 }
 
-/// Builds the inbound server config. In Strict mode a client certificate is required; in
-/// Permissive mode it is optional (callers without one are unauthenticated).
-pub fn server_config(
-    files: &TlsFiles,
-    mode: MtlsMode,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let (certified, roots) = load_files(files)?;
-    let resolver = rustls::sign::SingleCertAndKey::from(Arc::unwrap_or_clone(certified));
-    server_config_with(Arc::new(resolver), roots, mode)
-}
-
 /// The certificate, key and trust roots of a [`TlsFiles`], checked to belong together.
 pub fn load_files(
     files: &TlsFiles,
@@ -92,9 +81,10 @@ impl rustls::client::ResolvesClientCert for StaticClientCert {
     }
 }
 
-/// The inbound server config around a certificate resolver. With the operator-issued
-/// identity, handshakes present the certificate in force at that moment, so renewals need
-/// no new config.
+/// The inbound server config around a certificate resolver (certificate files, or the
+/// operator-issued identity, whose handshakes present the certificate in force at that
+/// moment, so renewals need no new config). In Strict mode a client certificate is
+/// required; in Permissive mode it is optional (callers without one are unauthenticated).
 pub fn server_config_with(
     certs: Arc<dyn rustls::server::ResolvesServerCert>,
     roots: Arc<RootCertStore>,
@@ -176,12 +166,10 @@ mod tests {
             client_ca_file: dir.join("ca.crt"),
         };
         std::fs::write(&files.key_file, key.serialize_pem()).unwrap();
-        assert!(server_config(&files, MtlsMode::Strict).is_ok());
+        assert!(load_files(&files).is_ok());
         let other = rcgen::KeyPair::generate().unwrap();
         std::fs::write(&files.key_file, other.serialize_pem()).unwrap();
-        let err = server_config(&files, MtlsMode::Strict)
-            .unwrap_err()
-            .to_string();
+        let err = load_files(&files).unwrap_err().to_string();
         assert!(err.contains("does not belong"), "{err}");
     }
 }

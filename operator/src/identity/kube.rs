@@ -161,15 +161,7 @@ pub async fn load_or_create_ca(
         source,
     })?;
     let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(CA_SECRET.into()),
-            namespace: Some(namespace.into()),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_owned(),
-                "apiward".to_owned(),
-            )])),
-            ..Default::default()
-        },
+        metadata: managed_meta(CA_SECRET, namespace),
         type_: Some("kubernetes.io/tls".into()),
         data: Some(
             ca.to_secret_data()
@@ -196,18 +188,24 @@ pub async fn load_or_create_ca(
     }
 }
 
+/// Name, namespace and the `app.kubernetes.io/managed-by: apiward` label of an object the
+/// operator creates.
+fn managed_meta(name: &str, namespace: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(namespace.into()),
+        labels: Some(BTreeMap::from([(
+            "app.kubernetes.io/managed-by".to_owned(),
+            "apiward".to_owned(),
+        )])),
+        ..Default::default()
+    }
+}
+
 /// The trust-bundle ConfigMap for `namespace`.
 pub fn trust_bundle_configmap(namespace: &str, bundle_pem: &str) -> ConfigMap {
     ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(TRUST_BUNDLE_CONFIGMAP.into()),
-            namespace: Some(namespace.into()),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_owned(),
-                "apiward".to_owned(),
-            )])),
-            ..Default::default()
-        },
+        metadata: managed_meta(TRUST_BUNDLE_CONFIGMAP, namespace),
         data: Some(BTreeMap::from([(
             "ca.crt".to_owned(),
             bundle_pem.to_owned(),
