@@ -536,7 +536,9 @@ pub struct Binding {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[x_kube(
     validation = Rule::new("!has(self.onExceed) || self.onExceed != 'Delay' || has(self.maxDelay)").message("onExceed: Delay needs maxDelay").field_path(".maxDelay"),
-    validation = Rule::new("!has(self.maxDelay) || (has(self.onExceed) && self.onExceed == 'Delay')").message("maxDelay applies only with onExceed: Delay").field_path(".maxDelay")
+    validation = Rule::new("!has(self.maxDelay) || (has(self.onExceed) && self.onExceed == 'Delay')").message("maxDelay applies only with onExceed: Delay").field_path(".maxDelay"),
+    validation = Rule::new("!has(self.onStoreError) || (has(self.scope) && self.scope == 'Global')").message("onStoreError applies only to scope: Global").field_path(".onStoreError"),
+    validation = Rule::new("!has(self.critical) || !self.critical || (has(self.scope) && self.scope == 'Global')").message("critical applies only to scope: Global").field_path(".critical")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct Quota {
@@ -560,6 +562,24 @@ pub struct Quota {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = apiward_policy::duration::DURATION_PATTERN))]
     pub max_delay: Option<String>,
+    /// A Global quota that must never be exceeded, even when Redis is down: the default
+    /// `onStoreError` becomes `FailClosed`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub critical: bool,
+    /// Global quotas: what to do when Redis cannot answer in time. `FailOpen` counts the
+    /// quota in each sidecar alone (same limit) until Redis is back; `FailClosed` refuses
+    /// with 429. Default: `FailClosed` when `critical`, else `FailOpen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_store_error: Option<OnStoreError>,
+}
+
+/// What a Global quota does when Redis cannot answer.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum OnStoreError {
+    /// Count locally, per sidecar, with the same limit.
+    FailOpen,
+    /// Refuse with 429.
+    FailClosed,
 }
 
 /// What a quota counts by: set exactly one.

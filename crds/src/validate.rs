@@ -569,6 +569,20 @@ fn quota(e: &mut Errors, f: &str, q: &Quota, authn: &Authentication) {
         }
         (OnExceed::Reject, None) => {}
     }
+    if q.scope != QuotaScope::Global {
+        if q.on_store_error.is_some() {
+            e.push(
+                format!("{f}.onStoreError"),
+                "onStoreError applies only to scope: Global",
+            );
+        }
+        if q.critical {
+            e.push(
+                format!("{f}.critical"),
+                "critical applies only to scope: Global",
+            );
+        }
+    }
 }
 
 fn request_limits(e: &mut Errors, l: &RequestLimits) {

@@ -82,6 +82,9 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
                 }
             }
             shared.metrics.quota_keys.set(shared.quotas.len() as i64);
+            if let Some(g) = active.as_deref().and_then(|a| a.global_quotas.as_deref()) {
+                shared.metrics.quota_leases.set(g.leased_keys() as i64);
+            }
             text(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -99,6 +102,11 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
                     "version": a.version(),
                     "identity": identity,
                     "outbound": a.settings.outbound,
+                    "quotaStore": a.global_quotas.as_deref().map(|g| serde_json::json!({
+                        "url": g.settings().display_url(),
+                        "available": g.available(crate::quota_store::unix_ms()),
+                        "leasedKeys": g.leased_keys(),
+                    })),
                     "inbound": {"listen": a.settings.inbound.listen.to_string(), "port": a.settings.inbound.port, "upstream": a.settings.inbound.upstream().to_string()},
                     "policy": policy,
                 })

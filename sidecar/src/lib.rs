@@ -10,6 +10,7 @@
 //! - [`proxy`]: listener, TLS by mode, the request pipeline, forwarding, response filter.
 //! - [`authn`]: JWT/JWKS and API keys. [`tls`]: rustls configs and SPIFFE IDs.
 //! - [`outbound`]: the app's redirected connections: mTLS to meshed peers, the egress policy.
+//! - [`quota_store`]: Global quotas in Redis, spent from local leases.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config_dump`. [`metrics`]: the registry.
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod init;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;
+pub mod quota_store;
 pub mod settings;
 pub mod state;
 pub mod tcp;
@@ -92,6 +94,22 @@ pub async fn start(config: &Path) -> anyhow::Result<(Arc<state::Shared>, Bound)>
         tokio::spawn(identity::keep_renewed(shared.clone(), id.clone(), s));
     }
     Ok((shared, bound))
+}
+
+/// What a stopping sidecar does before exiting: gives back what is left of its Global
+/// quota leases (within a second), so other sidecars can spend it.
+pub async fn shutdown(shared: &state::Shared) {
+    let global = shared
+        .active
+        .load()
+        .as_ref()
+        .and_then(|a| a.global_quotas.clone());
+    if let Some(g) = global {
+        match tokio::time::timeout(Duration::from_secs(1), g.give_back_expired(u64::MAX)).await {
+            Ok(n) => tracing::info!(requests = n, "gave back unspent quota leases"),
+            Err(_) => tracing::warn!("quota store too slow: unspent leases expire on their own"),
+        }
+    }
 }
 
 fn modified(path: &Path) -> Option<std::time::SystemTime> {

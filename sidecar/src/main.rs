@@ -120,7 +120,7 @@ fn main() -> ExitCode {
     };
     rt.block_on(async {
         match apiward_sidecar::start(&config).await {
-            Ok(_) => {
+            Ok((shared, _)) => {
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
                 let terminated = async {
@@ -132,6 +132,7 @@ fn main() -> ExitCode {
                     }
                 };
                 tokio::select! { _ = terminated => {}, _ = tokio::signal::ctrl_c() => {} }
+                apiward_sidecar::shutdown(&shared).await;
                 ExitCode::SUCCESS
             }
             Err(e) => {

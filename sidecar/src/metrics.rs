@@ -85,6 +85,10 @@ pub struct Metrics {
     pub jwks_keys: Family<ProviderLabels, Gauge>,
     /// Quota keys held.
     pub quota_keys: Gauge,
+    /// Global quota store: commands, errors, up, leased keys.
+    pub quota_store: crate::quota_store::StoreMetrics,
+    /// Keys with a Global quota lease held now.
+    pub quota_leases: Gauge,
 }
 
 impl Default for Metrics {
@@ -184,6 +188,28 @@ impl Metrics {
         );
         let quota_keys = Gauge::default();
         registry.register("quota_keys", "Local quota keys held", quota_keys.clone());
+        let quota_store = crate::quota_store::StoreMetrics::default();
+        registry.register(
+            "quota_store_commands",
+            "Commands sent to the Global quota store (Redis)",
+            quota_store.commands.clone(),
+        );
+        registry.register(
+            "quota_store_errors",
+            "Requests whose Global quota took onStoreError, by reason",
+            quota_store.errors.clone(),
+        );
+        registry.register(
+            "quota_store_up",
+            "1 while the Global quota store answers, 0 while its circuit breaker is open",
+            quota_store.up.clone(),
+        );
+        let quota_leases = Gauge::default();
+        registry.register(
+            "quota_leases",
+            "Keys with a Global quota lease held",
+            quota_leases.clone(),
+        );
         let outbound = Family::<OutboundLabels, Counter>::default();
         registry.register(
             "outbound_connections",
@@ -215,6 +241,8 @@ impl Metrics {
             handshake_failures,
             jwks_keys,
             quota_keys,
+            quota_store,
+            quota_leases,
         }
     }
 

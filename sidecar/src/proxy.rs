@@ -656,8 +656,9 @@ pub async fn handle(
             source_ip: info.source.ip().to_canonical(),
             now_ms: now_ms(),
         };
-        engine.decide(&facts, &shared.quotas, &mut NoTrace)
+        engine.decide(&facts, &active.quotas(shared), &mut NoTrace)
     };
+    active.settle_quotas(shared, engine, &mut decision).await;
     shared
         .metrics
         .decision_duration

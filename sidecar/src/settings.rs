@@ -40,6 +40,10 @@ pub struct Settings {
     /// Extra CA bundle (PEM) trusted when fetching JWKS over HTTPS, besides the public roots.
     #[serde(default)]
     pub jwks_ca_file: Option<PathBuf>,
+    /// Where Global quotas are counted (Redis). Without it, Global quotas follow their
+    /// `onStoreError`.
+    #[serde(default)]
+    pub quota_store: Option<crate::quota_store::QuotaStoreSettings>,
     /// Fraction of allowed requests written to the decision log (denies are always logged).
     #[serde(default)]
     pub log_allowed_fraction: f64,
@@ -265,6 +269,9 @@ impl Settings {
                 Some((field, why)) => invalid(field, why.to_owned()),
                 None => invalid("outbound", m),
             })?;
+        }
+        if let Some(q) = &s.quota_store {
+            q.validate().map_err(|(f, m)| invalid(&f, m))?;
         }
         if !(0.0..=1.0).contains(&s.log_allowed_fraction) {
             return Err(invalid(

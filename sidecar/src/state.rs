@@ -40,6 +40,8 @@ pub struct Active {
     pub timeouts: Timeouts,
     /// Outbound routes (meshed peers and the egress policy), when configured.
     pub outbound: Option<Arc<crate::outbound::Routes>>,
+    /// The Global quota store, when configured (kept across reloads that do not change it).
+    pub global_quotas: Option<Arc<crate::quota_store::GlobalQuotas>>,
 }
 
 impl std::fmt::Debug for Active {
@@ -51,6 +53,34 @@ impl std::fmt::Debug for Active {
 }
 
 impl Active {
+    /// The quota store the engine asks: local counters, and Global quotas' leases.
+    pub fn quotas<'a>(&'a self, shared: &'a Shared) -> crate::quota_store::Quotas<'a> {
+        crate::quota_store::Quotas {
+            local: &shared.quotas,
+            global: self.global_quotas.as_deref(),
+            errors: &shared.metrics.quota_store.errors,
+        }
+    }
+
+    /// Counts the Global quotas a decision left pending (see [`crate::quota_store`]).
+    pub async fn settle_quotas<'e>(
+        &self,
+        shared: &Shared,
+        engine: &'e Engine,
+        d: &mut apiward_policy::engine::Decision<'e>,
+    ) {
+        if !d.pending.is_empty() {
+            crate::quota_store::settle_pending(
+                engine,
+                d,
+                &shared.quotas,
+                self.global_quotas.as_deref(),
+                &shared.metrics.quota_store.errors,
+            )
+            .await;
+        }
+    }
+
     /// The enforced config version, or `none`.
     pub fn version(&self) -> &str {
         self.config.as_ref().map_or("none", |c| c.version.as_str())
@@ -107,6 +137,7 @@ impl Shared {
             &self.config_path,
             self.active.load().as_deref(),
             self.identity.as_ref(),
+            &self.metrics.quota_store,
         ) {
             Ok(active) => {
                 let version = active.version().to_owned();
@@ -134,6 +165,7 @@ pub fn load(
     path: &Path,
     previous: Option<&Active>,
     identity: Option<&Arc<crate::identity::WorkloadIdentity>>,
+    store_metrics: &crate::quota_store::StoreMetrics,
 ) -> Result<Active, String> {
     let settings = Settings::load(path).map_err(|e| e.to_string())?;
     let timeouts = settings.timeouts().map_err(|(f, m)| format!("{f}: {m}"))?;
@@ -203,6 +235,30 @@ pub fn load(
             api_keys.insert(p.id.clone(), ApiKeySet::new(p.clone())?);
         }
     }
+    let global_quotas = match &settings.quota_store {
+        None => None,
+        Some(s) => match previous.and_then(|a| a.global_quotas.as_ref()) {
+            Some(g) if g.settings() == s => Some(g.clone()),
+            _ => Some(crate::quota_store::GlobalQuotas::new(
+                s,
+                store_metrics.clone(),
+            )?),
+        },
+    };
+    if global_quotas.is_none()
+        && let Some(cfg) = &config
+        && let Some(q) = cfg
+            .ports
+            .iter()
+            .flat_map(|p| &p.quotas)
+            .find(|q| q.scope == apiward_policy::config::QuotaScope::Global)
+    {
+        tracing::warn!(
+            policy = q.policy,
+            quota = q.name,
+            "a Global quota but no quotaStore in the settings: Global quotas follow onStoreError"
+        );
+    }
     Ok(Active {
         settings,
         config,
@@ -212,5 +268,6 @@ pub fn load(
         api_keys,
         timeouts,
         outbound,
+        global_quotas,
     })
 }

@@ -45,7 +45,7 @@ pub async fn serve_opaque<S>(
         return;
     };
     let caller = Caller::default();
-    let d = {
+    let mut d = {
         let facts = Facts {
             port,
             method: "TCP",
@@ -56,8 +56,9 @@ pub async fn serve_opaque<S>(
             source_ip: info.source.ip().to_canonical(),
             now_ms: now_ms(),
         };
-        engine.decide(&facts, &shared.quotas, &mut NoTrace)
+        engine.decide(&facts, &active.quotas(shared), &mut NoTrace)
     };
+    active.settle_quotas(shared, engine, &mut d).await;
     let code = d.reason.code();
     let decided = |verdict: &'static str| {
         log_decision(

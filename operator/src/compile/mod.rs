@@ -501,6 +501,14 @@ fn compile_policy(
                     },
                     _ => wire::OnExceed::Reject,
                 },
+                on_store_error: match (q.on_store_error, q.critical) {
+                    (Some(crds::OnStoreError::FailOpen), _) | (None, false) => {
+                        wire::OnStoreError::FailOpen
+                    }
+                    (Some(crds::OnStoreError::FailClosed), _) | (None, true) => {
+                        wire::OnStoreError::FailClosed
+                    }
+                },
                 audit,
             }
         })

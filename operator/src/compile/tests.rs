@@ -238,3 +238,51 @@ fn incremental_updates_touch_only_selected_pods_and_match_a_full_compile() {
     assert_eq!(changed, ["shop/users-0", "shop/users-1", "shop/users-2"]);
     assert!(c.configs()["shop/users-2"].ports.is_empty());
 }
+
+#[test]
+fn global_quotas_fail_open_unless_critical_or_told_otherwise() {
+    let store_error = |edit: fn(&mut crds::Quota)| {
+        let mut inputs = examples();
+        let p = inputs
+            .policies
+            .iter_mut()
+            .find(|p| p.metadata.name.as_deref() == Some("partner-api"))
+            .unwrap();
+        let q = p
+            .spec
+            .quotas
+            .iter_mut()
+            .find(|q| q.name == "partner-daily")
+            .unwrap();
+        edit(q);
+        let out = compile(&inputs);
+        let cfg = &out.configs["shop/partner-gateway-0"];
+        let q = cfg
+            .ports
+            .iter()
+            .flat_map(|p| &p.quotas)
+            .find(|q| q.name == "partner-daily");
+        let q = q.unwrap();
+        assert_eq!(q.scope, wire::QuotaScope::Global);
+        q.on_store_error
+    };
+    assert_eq!(
+        store_error(|q| q.on_store_error = None),
+        wire::OnStoreError::FailOpen
+    );
+    assert_eq!(
+        store_error(|q| {
+            q.on_store_error = None;
+            q.critical = true;
+        }),
+        wire::OnStoreError::FailClosed
+    );
+    assert_eq!(
+        store_error(|q| {
+            q.on_store_error = Some(crds::OnStoreError::FailOpen);
+            q.critical = true;
+        }),
+        wire::OnStoreError::FailOpen,
+        "an explicit choice wins over critical"
+    );
+}

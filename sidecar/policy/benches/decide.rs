@@ -84,6 +84,7 @@ fn config(rules: usize) -> SidecarConfig {
                 window: Window::Rolling,
                 scope: QuotaScope::Local,
                 on_exceed: OnExceed::Reject,
+                on_store_error: Default::default(),
                 audit: false,
             }],
             limits: RequestLimits::default(),

@@ -275,9 +275,22 @@ pub struct QuotaConfig {
     /// What happens when the quota is spent.
     #[serde(default)]
     pub on_exceed: OnExceed,
+    /// Global quotas: what happens when the shared store (Redis) cannot answer.
+    #[serde(default)]
+    pub on_store_error: OnStoreError,
     /// The quota's policy is in Audit mode: exceeding it is a would-deny.
     #[serde(default)]
     pub audit: bool,
+}
+
+/// What a Global quota does when its store cannot answer in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum OnStoreError {
+    /// Refuse the request (429): the quota cannot be confirmed.
+    #[default]
+    FailClosed,
+    /// Count the quota in this sidecar alone, with the same limit, until the store is back.
+    FailOpen,
 }
 
 /// What a quota counts requests by.

@@ -12,7 +12,8 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use crate::config::{
-    Action, BindSource, MtlsMode, Operation, PortPolicy, QuotaKey, SidecarConfig, UndeclaredAction,
+    Action, BindSource, MtlsMode, Operation, PortPolicy, QuotaConfig, QuotaKey, SidecarConfig,
+    UndeclaredAction,
 };
 use crate::normalize::{NormalizedPath, PathError, normalize};
 use crate::quota::{QuotaStore, QuotaVerdict};
@@ -220,6 +221,22 @@ pub struct Decision<'e> {
     pub sunset_unix: Option<i64>,
     /// The port's mTLS mode (for the sidecar's connection-level checks).
     pub mtls: MtlsMode,
+    /// Quotas the store could not answer at once (Global quotas whose local lease is
+    /// spent): the caller asks the store asynchronously, then [`Engine::settle_quota`].
+    pub pending: Vec<PendingQuota>,
+}
+
+/// A quota left for the caller to count (see [`Decision::pending`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingQuota {
+    /// The port the request came in on.
+    pub port: u16,
+    /// The quota's index within the port.
+    pub index: usize,
+    /// The key counted.
+    pub key: String,
+    /// Exceeding it is only a would-deny (Audit).
+    pub audit: bool,
 }
 
 /// One step of a decision, for `apiward explain`.
@@ -624,6 +641,7 @@ impl Engine {
             deprecated: false,
             sunset_unix: None,
             mtls,
+            pending: Vec::new(),
         };
         let refuse = |d: &mut Decision<'e>, reason: Reason| {
             d.allowed = false;
@@ -1082,7 +1100,23 @@ impl Engine {
                 }
                 continue;
             };
-            let v = store.acquire(req.port, i, q, &key, req.now_ms);
+            let Some(v) = store.try_acquire(req.port, i, q, &key, req.now_ms) else {
+                if trace.enabled() {
+                    trace.step(step(
+                        &q.policy,
+                        &q.name,
+                        false,
+                        format!("quota key {key:?}: left to the shared store"),
+                    ));
+                }
+                d.pending.push(PendingQuota {
+                    port: req.port,
+                    index: i,
+                    key,
+                    audit: q.audit || audit_port,
+                });
+                continue;
+            };
             if trace.enabled() {
                 trace.step(step(
                     &q.policy,
@@ -1091,40 +1125,81 @@ impl Engine {
                     format!("quota key {key:?}: {} of {} left", v.remaining, v.limit),
                 ));
             }
-            let tighter = d.quota.as_ref().is_none_or(|o| {
-                !v.allowed || (o.verdict.allowed && v.remaining < o.verdict.remaining)
-            });
-            let outcome = QuotaOutcome {
-                quota: RuleRef {
-                    policy: &q.policy,
-                    name: &q.name,
-                },
-                key,
-                verdict: v,
-                window_seconds: (q.period_ms / 1000).max(1),
-            };
-            if !v.allowed {
-                d.quota = Some(outcome);
-                if q.audit || audit_port {
-                    d.would_deny = true;
-                    d.reason = Reason::QuotaExceeded;
-                    continue;
-                }
-                d.allowed = false;
-                d.reason = Reason::QuotaExceeded;
-                d.status = 429;
-                d.rule = Some(RuleRef {
-                    policy: &q.policy,
-                    name: &q.name,
-                });
+            if !merge_quota(d, q, key, v, q.audit || audit_port) {
                 return;
-            }
-            d.delay_ms = d.delay_ms.max(v.delay_ms);
-            if tighter {
-                d.quota = Some(outcome);
             }
         }
     }
+
+    /// Applies the verdict for a [`PendingQuota`] of `d` (asked of the store by the caller).
+    /// Returns false if the quota refused the request (then `d` says so).
+    pub fn settle_quota<'e>(
+        &'e self,
+        d: &mut Decision<'e>,
+        pending: PendingQuota,
+        verdict: QuotaVerdict,
+    ) -> bool {
+        let Some(q) = self
+            .ports
+            .get(&pending.port)
+            .and_then(|p| p.cfg.quotas.get(pending.index))
+        else {
+            return true;
+        };
+        merge_quota(d, q, pending.key, verdict, pending.audit)
+    }
+
+    /// The quota a [`PendingQuota`] refers to.
+    pub fn quota(&self, pending: &PendingQuota) -> Option<&QuotaConfig> {
+        self.ports
+            .get(&pending.port)
+            .and_then(|p| p.cfg.quotas.get(pending.index))
+    }
+}
+
+/// Folds one quota verdict into a decision: the tightest verdict is reported; a refusal
+/// refuses (or, in Audit, is a would-deny). Returns false once the request is refused.
+fn merge_quota<'e>(
+    d: &mut Decision<'e>,
+    q: &'e QuotaConfig,
+    key: String,
+    v: QuotaVerdict,
+    audit: bool,
+) -> bool {
+    let tighter = d
+        .quota
+        .as_ref()
+        .is_none_or(|o| !v.allowed || (o.verdict.allowed && v.remaining < o.verdict.remaining));
+    let outcome = QuotaOutcome {
+        quota: RuleRef {
+            policy: &q.policy,
+            name: &q.name,
+        },
+        key,
+        verdict: v,
+        window_seconds: (q.period_ms / 1000).max(1),
+    };
+    if !v.allowed {
+        d.quota = Some(outcome);
+        if audit {
+            d.would_deny = true;
+            d.reason = Reason::QuotaExceeded;
+            return true;
+        }
+        d.allowed = false;
+        d.reason = Reason::QuotaExceeded;
+        d.status = 429;
+        d.rule = Some(RuleRef {
+            policy: &q.policy,
+            name: &q.name,
+        });
+        return false;
+    }
+    d.delay_ms = d.delay_ms.max(v.delay_ms);
+    if tighter {
+        d.quota = Some(outcome);
+    }
+    true
 }
 
 fn action_name(a: Action) -> &'static str {

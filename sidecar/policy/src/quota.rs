@@ -203,6 +203,20 @@ pub trait QuotaStore {
         key: &str,
         now_ms: u64,
     ) -> QuotaVerdict;
+
+    /// Like [`QuotaStore::acquire`], but a store that cannot answer without waiting (a
+    /// shared store whose local lease is spent) returns `None`; the engine then leaves the
+    /// quota pending for the caller to ask asynchronously.
+    fn try_acquire(
+        &self,
+        port: u16,
+        index: usize,
+        q: &QuotaConfig,
+        key: &str,
+        now_ms: u64,
+    ) -> Option<QuotaVerdict> {
+        Some(self.acquire(port, index, q, key, now_ms))
+    }
 }
 
 /// In-memory counters with a hard cap on keys: when full, idle keys are dropped first;
@@ -294,6 +308,7 @@ mod tests {
             window,
             scope: QuotaScope::Local,
             on_exceed,
+            on_store_error: Default::default(),
             audit: false,
         }
     }
