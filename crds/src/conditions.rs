@@ -10,6 +10,9 @@ pub const RESOLVED_REFS: &str = "ResolvedRefs";
 pub const PROGRAMMED: &str = "Programmed";
 /// Accepted, resolved and programmed: the policy is enforced.
 pub const READY: &str = "Ready";
+/// True while some selected sidecars cannot reach the Global quota store (Redis): their
+/// Global quotas follow `onStoreError`. Absent when the policy has no Global quota.
+pub const QUOTA_STORE_UNAVAILABLE: &str = "QuotaStoreUnavailable";
 
 /// Reasons for the conditions above.
 pub mod reasons {
@@ -41,6 +44,8 @@ pub mod reasons {
     pub const READY: &str = "Ready";
     /// `Ready=False`: one of the other conditions is not True.
     pub const NOT_READY: &str = "NotReady";
-    /// A Global quota's store (Redis) is unreachable.
-    pub const QUOTA_STORE_UNAVAILABLE: &str = "QuotaStoreUnavailable";
+    /// `QuotaStoreUnavailable=True`: some sidecars cannot reach Redis.
+    pub const STORE_UNREACHABLE: &str = "StoreUnreachable";
+    /// `QuotaStoreUnavailable=False`: every reporting sidecar reaches Redis.
+    pub const STORE_AVAILABLE: &str = "StoreAvailable";
 }

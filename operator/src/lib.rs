@@ -10,3 +10,4 @@ pub mod compile;
 pub mod identity;
 pub mod load;
 pub mod serve;
+pub mod status;

@@ -22,6 +22,9 @@ use serde_json::{Value, json};
 struct Redis {
     port: u16,
     child: Option<Child>,
+    /// Extra `redis-server` arguments (password, TLS).
+    args: Vec<String>,
+    scheme: &'static str,
 }
 
 fn free_port() -> u16 {
@@ -34,9 +37,28 @@ fn free_port() -> u16 {
 
 impl Redis {
     fn start() -> Self {
+        Self::start_with(&[], false)
+    }
+
+    /// With extra arguments; `tls` serves TLS only, on the same port.
+    fn start_with(args: &[&str], tls: bool) -> Self {
+        let port = free_port();
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if tls {
+            args.extend([
+                "--tls-port".into(),
+                port.to_string(),
+                "--port".into(),
+                "0".into(),
+            ]);
+        } else {
+            args.extend(["--port".into(), port.to_string()]);
+        }
         let mut r = Redis {
-            port: free_port(),
+            port,
             child: None,
+            args,
+            scheme: if tls { "rediss" } else { "redis" },
         };
         r.restart();
         r
@@ -45,8 +67,9 @@ impl Redis {
     /// Starts (again) on the same port, with no persistence.
     fn restart(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .spawn()
             .expect(
@@ -68,7 +91,7 @@ impl Redis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        format!("{}://127.0.0.1:{}/0", self.scheme, self.port)
     }
 
     async fn get(&self, key: &str) -> Option<i64> {
@@ -576,4 +599,130 @@ async fn the_budget_survives_a_sidecar_restart_and_leases_go_back() {
         assert_eq!(get().await, 200, "request {} after the restart", 6 + i);
     }
     assert_eq!(get().await, 429, "the 11th request of the day");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_comes_from_a_file_and_is_never_shown() {
+    const PASSWORD: &str = "s3cr3t-redis-pw";
+    let redis = Redis::start_with(&["--requirepass", PASSWORD], false);
+    let dir = tempdir("global-auth");
+    let (app, _) = start_app().await;
+    let quotas = json!([quota(
+        "daily",
+        "/**",
+        100,
+        json!({"calendar": "Day"}),
+        "FailClosed"
+    )]);
+    let with_password = |name: &str, pw: &str| {
+        let file = dir.join(format!("{name}.password"));
+        std::fs::write(&file, format!("{pw}\n")).unwrap();
+        let mut s = settings(app, &redis, 4, quotas.clone());
+        s["quotaStore"]["passwordFile"] = json!(file);
+        s
+    };
+    let (base, admin) = start_sidecar(&dir, "right", &with_password("right", PASSWORD)).await;
+    let (wrong, _) = start_sidecar(&dir, "wrong", &with_password("wrong", "guess")).await;
+    let c = http();
+    let get = |base: String| {
+        let c = c.clone();
+        async move {
+            c.get(format!("{base}/a"))
+                .header("x-account", "acme")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        get(base.clone()).await,
+        200,
+        "authenticated with the file's password"
+    );
+    assert_eq!(
+        get(wrong).await,
+        429,
+        "a wrong password is a store error: FailClosed"
+    );
+    for path in ["/config_dump", "/metrics"] {
+        let text = reqwest::get(format!("{admin}{path}"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!text.contains(PASSWORD), "{path} shows the password");
+    }
+    // The URL may not carry a password at all.
+    let mut s = settings(app, &redis, 4, quotas.clone());
+    s["quotaStore"]["url"] = json!(format!("redis://:{PASSWORD}@127.0.0.1:{}/0", redis.port));
+    let path = dir.join("inline.json");
+    std::fs::write(&path, s.to_string()).unwrap();
+    let err = apiward_sidecar::start(&path).await.unwrap_err().to_string();
+    assert!(
+        err.contains("quotaStore.url") && err.contains("passwordFile"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(PASSWORD),
+        "the refusal repeats the password: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_with_a_private_ca() {
+    let dir = tempdir("global-tls");
+    let _pki = Pki::new(&dir); // writes ca.crt, server.crt (127.0.0.1) and server.key
+    let (cert, key, ca) = (
+        dir.join("server.crt"),
+        dir.join("server.key"),
+        dir.join("ca.crt"),
+    );
+    let redis = Redis::start_with(
+        &[
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--tls-ca-cert-file",
+            ca.to_str().unwrap(),
+            "--tls-auth-clients",
+            "no",
+        ],
+        true,
+    );
+    let (app, _) = start_app().await;
+    let quotas = json!([quota(
+        "daily",
+        "/**",
+        2,
+        json!({"calendar": "Day"}),
+        "FailClosed"
+    )]);
+    let mut s = settings(app, &redis, 4, quotas.clone());
+    s["quotaStore"]["caFile"] = json!(ca);
+    let (base, _) = start_sidecar(&dir, "tls", &s).await;
+    let c = http();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = c
+            .get(format!("{base}/a"))
+            .header("x-account", "acme")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429], "counted in Redis over TLS");
+    // Without the private CA the server is not trusted: a store error, FailClosed.
+    let (untrusted, _) = start_sidecar(&dir, "untrusted", &settings(app, &redis, 4, quotas)).await;
+    let r = c
+        .get(format!("{untrusted}/a"))
+        .header("x-account", "globex")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
 }

@@ -38,6 +38,19 @@ pub struct Report {
     /// The sidecar's current workload certificate, if it has one.
     #[serde(default)]
     pub certificate: Option<CertificateInfo>,
+    /// The Global quota store, when the sidecar has Global quotas.
+    #[serde(default)]
+    pub quota_store: Option<QuotaStoreHealth>,
+}
+
+/// Whether the Global quota store (Redis) answers this sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QuotaStoreHealth {
+    /// Redis answers (the circuit breaker is closed).
+    pub available: bool,
+    /// Requests whose Global quota took `onStoreError` since the last report.
+    pub errors: u64,
 }
 
 /// A config the sidecar refused.
