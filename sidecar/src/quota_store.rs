@@ -792,7 +792,12 @@ impl QuotaStore for Quotas<'_> {
         }
         let error = match self.global {
             None => StoreError::Unconfigured,
-            Some(g) if g.available(now_ms) => return g.try_spend(q, key, now_ms),
+            Some(g) if g.available(now_ms) => {
+                // A remembered refusal of a Delay quota is waited out asynchronously.
+                return g
+                    .try_spend(q, key, now_ms)
+                    .filter(|v| v.allowed || q.on_exceed == OnExceed::Reject);
+            }
             Some(g) => match g.try_spend(q, key, now_ms) {
                 Some(v) => return Some(v),
                 None if now_ms < g.breaker.open_until_ms.load(Ordering::Relaxed) => {

@@ -726,3 +726,42 @@ async fn redis_over_tls_with_a_private_ca() {
         .unwrap();
     assert_eq!(r.status(), 429);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_delay_quota_waits_instead_of_refusing() {
+    let redis = Redis::start();
+    let dir = tempdir("global-delay");
+    let (app, _) = start_app().await;
+    let mut q = quota("paced", "/**", 2, json!("rolling"), "FailClosed");
+    q["periodMs"] = json!(1000);
+    q["onExceed"] = json!({"delay": {"maxDelayMs": 1200}});
+    let (base, _) = start_sidecar(&dir, "delay", &settings(app, &redis, 8, json!([q]))).await;
+    let c = http();
+    let get = || {
+        let (c, url) = (c.clone(), format!("{base}/a"));
+        async move {
+            let r = c.get(url).header("x-account", "acme").send().await.unwrap();
+            r.status().as_u16()
+        }
+    };
+    let started = Instant::now();
+    assert_eq!(
+        (get().await, get().await),
+        (200, 200),
+        "2 per second, at once"
+    );
+    // The 3rd waits ~0.5 s for the next slot. The 4th arrives while the sidecar remembers
+    // the refusal that made the 3rd wait: it waits too (for ~1 s), it is not refused.
+    let third = tokio::spawn(get());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let fourth = get().await;
+    assert_eq!((third.await.unwrap(), fourth), (200, 200));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "they waited: {waited:?}"
+    );
+    // A wait longer than maxDelay is refused at once.
+    let statuses = load(std::slice::from_ref(&base), "/a", "acme", 6, 6).await;
+    assert!(statuses.contains(&429), "{statuses:?}");
+}
