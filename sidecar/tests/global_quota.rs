@@ -175,6 +175,23 @@ async fn metric(admin: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// `GET url` for an account.
+async fn call(c: &reqwest::Client, url: String, account: &str) -> reqwest::Response {
+    c.get(url)
+        .header("x-account", account)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The status of `GET base + path` for `acme`.
+async fn status(c: &reqwest::Client, base: &str, path: &str) -> u16 {
+    call(c, format!("{base}{path}"), "acme")
+        .await
+        .status()
+        .as_u16()
+}
+
 /// `r=` of the `RateLimit` header.
 fn remaining(r: &reqwest::Response) -> u64 {
     let h = r.headers()["ratelimit"].to_str().unwrap();
@@ -204,12 +221,7 @@ async fn load(
                     return out;
                 }
                 let url = format!("{}{path}", bases[i % bases.len()]);
-                let r = c
-                    .get(url)
-                    .header("x-account", &account)
-                    .send()
-                    .await
-                    .unwrap();
+                let r = call(&c, url, &account).await;
                 out.push(r.status().as_u16());
             }
         }));
@@ -254,20 +266,10 @@ async fn sidecars_sharing_a_quota_never_let_more_than_the_limit_through() {
     // The headers reflect the shared budget: what one sidecar spent, another reports.
     let c = http();
     for _ in 0..20 {
-        let r = c
-            .get(format!("{}/daily/a", bases[0]))
-            .header("x-account", "acme")
-            .send()
-            .await
-            .unwrap();
+        let r = call(&c, format!("{}/daily/a", bases[0]), "acme").await;
         assert_eq!(r.status(), 200);
     }
-    let r = c
-        .get(format!("{}/daily/a", bases[1]))
-        .header("x-account", "acme")
-        .send()
-        .await
-        .unwrap();
+    let r = call(&c, format!("{}/daily/a", bases[1]), "acme").await;
     assert_eq!(r.status(), 200);
     let left = remaining(&r);
     assert!(
@@ -295,21 +297,11 @@ async fn sidecars_sharing_a_quota_never_let_more_than_the_limit_through() {
         );
     }
     // Another account has its own budget.
-    let r = c
-        .get(format!("{}/daily/a", bases[2]))
-        .header("x-account", "globex")
-        .send()
-        .await
-        .unwrap();
+    let r = call(&c, format!("{}/daily/a", bases[2]), "globex").await;
     assert_eq!(r.status(), 200);
 
     // A refusal carries the headers, and the app saw only what was allowed.
-    let r = c
-        .get(format!("{}/daily/a", bases[2]))
-        .header("x-account", "acme")
-        .send()
-        .await
-        .unwrap();
+    let r = call(&c, format!("{}/daily/a", bases[2]), "acme").await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(remaining(&r), 0);
@@ -432,18 +424,7 @@ async fn redis_down_follows_on_store_error_then_recovers() {
     // maxLease 1: no request is served from a lease taken before Redis died.
     let (base, admin) = start_sidecar(&dir, "sidecar", &settings(app, &redis, 1, quotas)).await;
     let c = http();
-    let get = |path: &'static str| {
-        let (c, url) = (c.clone(), format!("{base}{path}"));
-        async move {
-            c.get(url)
-                .header("x-account", "acme")
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    };
+    let get = |path: &'static str| status(&c, &base, path);
     assert_eq!(get("/critical/a").await, 200);
     assert_eq!(get("/open/a").await, 200);
     assert_eq!(metric(&admin, "apiward_sidecar_quota_store_up").await, 1.0);
@@ -563,18 +544,8 @@ async fn the_budget_survives_a_sidecar_restart_and_leases_go_back() {
     let config: PathBuf = dir.join("sidecar.json");
     std::fs::write(&config, s.to_string()).unwrap();
     let c = http();
-    let get = || {
-        let c = c.clone();
-        async move {
-            c.get(format!("http://{inbound}/a"))
-                .header("x-account", "acme")
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    };
+    let base = format!("http://{inbound}");
+    let get = || status(&c, &base, "/a");
 
     let mut p = run_binary(&config);
     wait_ready(admin).await;
@@ -626,15 +597,7 @@ async fn the_password_comes_from_a_file_and_is_never_shown() {
     let c = http();
     let get = |base: String| {
         let c = c.clone();
-        async move {
-            c.get(format!("{base}/a"))
-                .header("x-account", "acme")
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
+        async move { status(&c, &base, "/a").await }
     };
     assert_eq!(
         get(base.clone()).await,
@@ -707,23 +670,13 @@ async fn redis_over_tls_with_a_private_ca() {
     let c = http();
     let mut statuses = Vec::new();
     for _ in 0..3 {
-        let r = c
-            .get(format!("{base}/a"))
-            .header("x-account", "acme")
-            .send()
-            .await
-            .unwrap();
+        let r = call(&c, format!("{base}/a"), "acme").await;
         statuses.push(r.status().as_u16());
     }
     assert_eq!(statuses, [200, 200, 429], "counted in Redis over TLS");
     // Without the private CA the server is not trusted: a store error, FailClosed.
     let (untrusted, _) = start_sidecar(&dir, "untrusted", &settings(app, &redis, 4, quotas)).await;
-    let r = c
-        .get(format!("{untrusted}/a"))
-        .header("x-account", "globex")
-        .send()
-        .await
-        .unwrap();
+    let r = call(&c, format!("{untrusted}/a"), "globex").await;
     assert_eq!(r.status(), 429);
 }
 
@@ -738,11 +691,8 @@ async fn a_global_delay_quota_waits_instead_of_refusing() {
     let (base, _) = start_sidecar(&dir, "delay", &settings(app, &redis, 8, json!([q]))).await;
     let c = http();
     let get = || {
-        let (c, url) = (c.clone(), format!("{base}/a"));
-        async move {
-            let r = c.get(url).header("x-account", "acme").send().await.unwrap();
-            r.status().as_u16()
-        }
+        let (c, base) = (c.clone(), base.clone());
+        async move { status(&c, &base, "/a").await }
     };
     let started = Instant::now();
     assert_eq!(
