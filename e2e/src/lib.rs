@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apiward::identity::{Ca, Issuance, LocalTokens};
-use apiward::serve::identity::{IdentityCounters, serve, server_tls};
+use apiward::serve::config::ConfigHub;
+use apiward::serve::identity::IdentityCounters;
+use apiward::serve::{Endpoints, serve, server_tls};
 
 /// Unix seconds now.
 pub fn now() -> i64 {
@@ -44,6 +46,8 @@ pub struct Operator {
     pub counters: Arc<IdentityCounters>,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// The pods it knows and their configs (publish into it), and their reports.
+    pub hub: Arc<ConfigHub>,
 }
 
 impl std::fmt::Debug for Operator {
@@ -54,7 +58,7 @@ impl std::fmt::Debug for Operator {
     }
 }
 
-/// Starts the identity endpoint on `bind`, with a server certificate for `names` (DNS names
+/// Starts the identity and config endpoints on `bind`, with a server certificate for `names` (DNS names
 /// or IP addresses), issuing workload certificates of `lifetime` for trust domain
 /// `cluster.local`.
 pub async fn start_operator(
@@ -77,20 +81,25 @@ pub async fn start_operator(
         trust_domain: "cluster.local".into(),
         lifetime,
     });
+    let hub = Arc::new(ConfigHub::new("cluster.local"));
     let listener = tokio::net::TcpListener::bind(bind)
         .await
         .expect("bind the identity endpoint");
     let addr = listener.local_addr().expect("bound address");
     tokio::spawn(serve(
         listener,
-        server_tls(&chain, &key).expect("server TLS"),
-        issuance,
-        counters.clone(),
+        server_tls(&chain, &key, Some(ca.trust_bundle_pem())).expect("server TLS"),
+        Endpoints {
+            issuance,
+            counters: counters.clone(),
+            hub: Some(hub.clone()),
+        },
     ));
     Operator {
         ca,
         tokens,
         counters,
         addr,
+        hub,
     }
 }

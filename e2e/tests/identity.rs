@@ -1,15 +1,18 @@
 //! Mesh identity end to end: the operator's identity endpoint (local CA, local tokens) and
 //! real sidecars that get their certificates from it, on loopback.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use apiward::identity::{AUDIENCE, Ca, LocalTokens, SpiffeId};
+use apiward::identity::{AUDIENCE, Ca, LocalTokens};
 use apiward_e2e::mesh::serve_app_conn;
 use apiward_e2e::{Operator, now, start_operator, tempdir};
+use common::mesh_client;
 use serde_json::json;
 
 fn free_port() -> u16 {
@@ -74,32 +77,6 @@ fn write_settings(
     let path = dir.join("sidecar.json");
     std::fs::write(&path, s.to_string()).unwrap();
     path
-}
-
-/// A client presenting a certificate the CA issued for `shop/<sa>`.
-fn mesh_client(ca: &Ca, sa: &str) -> reqwest::Client {
-    let id = SpiffeId {
-        trust_domain: "cluster.local".into(),
-        namespace: "shop".into(),
-        service_account: sa.into(),
-    };
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
-    let csr = p.serialize_request(&key).unwrap().pem().unwrap();
-    let issued = ca
-        .sign(&csr, &id, Duration::from_secs(3600), now())
-        .unwrap();
-    let pem = format!("{}{}", issued.chain_pem, key.serialize_pem());
-    reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(ca.trust_bundle_pem().as_bytes()).unwrap()])
-        .identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap())
-        // The sidecar's certificate names only its SPIFFE ID: verify the chain, not a host name.
-        .danger_accept_invalid_hostnames(true)
-        .tls_info(true)
-        .http1_only()
-        .build()
-        .unwrap()
 }
 
 /// The serial and SPIFFE ID of the certificate the sidecar presents to a new handshake.

@@ -11,6 +11,7 @@
 //! - [`authn`]: JWT/JWKS and API keys. [`tls`]: rustls configs and SPIFFE IDs.
 //! - [`outbound`]: the app's redirected connections: mTLS to meshed peers, the egress policy.
 //! - [`quota_store`]: Global quotas in Redis, spent from local leases.
+//! - [`control`]: the config pushed by the operator, and reports back to it.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config_dump`. [`metrics`]: the registry.
 #![forbid(unsafe_code)]
 
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod authn;
 pub mod body;
 pub mod client;
+pub mod control;
 pub mod identity;
 pub mod init;
 pub mod metrics;
@@ -91,6 +93,17 @@ pub async fn start(config: &Path) -> anyhow::Result<(Arc<state::Shared>, Bound)>
     }
     tokio::spawn(watch(shared.clone(), config.to_owned()));
     if let (Some(id), Some(s)) = (&shared.identity, first.identity.clone()) {
+        if let Some(c) = &first.control {
+            let control = control::Control {
+                url: c.url.clone().unwrap_or_else(|| s.url.clone()),
+                pod: c.pod_name().unwrap_or_default(),
+                ca_file: s.ca_file.clone(),
+                report_interval: apiward_policy::duration::parse_duration(&c.report_interval)
+                    .unwrap_or(Duration::from_secs(5)),
+            };
+            tokio::spawn(control::keep_synced(shared.clone(), control.clone()));
+            tokio::spawn(control::keep_reporting(shared.clone(), control));
+        }
         tokio::spawn(identity::keep_renewed(shared.clone(), id.clone(), s));
     }
     Ok((shared, bound))

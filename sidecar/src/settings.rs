@@ -40,6 +40,9 @@ pub struct Settings {
     /// Extra CA bundle (PEM) trusted when fetching JWKS over HTTPS, besides the public roots.
     #[serde(default)]
     pub jwks_ca_file: Option<PathBuf>,
+    /// Get the policy from the operator instead of `policy` (needs `identity`).
+    #[serde(default)]
+    pub control: Option<crate::control::ControlSettings>,
     /// Where Global quotas are counted (Redis). Without it, Global quotas follow their
     /// `onStoreError`.
     #[serde(default)]
@@ -269,6 +272,29 @@ impl Settings {
                 Some((field, why)) => invalid(field, why.to_owned()),
                 None => invalid("outbound", m),
             })?;
+        }
+        if let Some(c) = &s.control {
+            if s.policy.is_some() {
+                return Err(invalid(
+                    "control",
+                    "policy (standalone) and control (pushed by the operator) exclude each other"
+                        .into(),
+                ));
+            }
+            if s.identity.is_none() {
+                return Err(invalid(
+                    "control",
+                    "needs identity: the workload certificate authenticates the sidecar".into(),
+                ));
+            }
+            if c.pod_name().is_none() {
+                return Err(invalid(
+                    "control.pod",
+                    "set it, or the POD_NAME environment variable".into(),
+                ));
+            }
+            apiward_policy::duration::parse_duration(&c.report_interval)
+                .map_err(|e| invalid("control.reportInterval", e.to_string()))?;
         }
         if let Some(q) = &s.quota_store {
             q.validate().map_err(|(f, m)| invalid(&f, m))?;

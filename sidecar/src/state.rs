@@ -105,6 +105,10 @@ pub struct Shared {
     pub identity: Option<Arc<crate::identity::WorkloadIdentity>>,
     /// TLS handshakes allowed at once ([`MAX_HANDSHAKES`]).
     pub handshakes: tokio::sync::Semaphore,
+    /// The last config pushed by the operator that validated (see [`crate::control`]).
+    pub pushed: ArcSwapOption<SidecarConfig>,
+    /// The last pushed config refused, and why (for the next report).
+    pub rejected: std::sync::Mutex<Option<apiward_policy::report::RejectedConfig>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -127,6 +131,8 @@ impl Shared {
             counter: Default::default(),
             identity: None,
             handshakes: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
+            pushed: ArcSwapOption::empty(),
+            rejected: Default::default(),
         }
     }
 
@@ -138,6 +144,7 @@ impl Shared {
             self.active.load().as_deref(),
             self.identity.as_ref(),
             &self.metrics.quota_store,
+            self.pushed.load().as_deref(),
         ) {
             Ok(active) => {
                 let version = active.version().to_owned();
@@ -166,10 +173,12 @@ pub fn load(
     previous: Option<&Active>,
     identity: Option<&Arc<crate::identity::WorkloadIdentity>>,
     store_metrics: &crate::quota_store::StoreMetrics,
+    pushed: Option<&SidecarConfig>,
 ) -> Result<Active, String> {
     let settings = Settings::load(path).map_err(|e| e.to_string())?;
     let timeouts = settings.timeouts().map_err(|(f, m)| format!("{f}: {m}"))?;
-    let config = settings.policy.clone();
+    // The policy: inline (standalone mode) or the last one the operator pushed.
+    let config = settings.policy.clone().or_else(|| pushed.cloned());
     let engine = config
         .as_ref()
         .map(Engine::new)

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::identity::{AUDIENCE, Ca, Issuance, LocalTokens};
-use crate::serve::identity::{IdentityCounters, serve, server_tls};
+use crate::serve::identity::IdentityCounters;
+use crate::serve::{Endpoints, serve, server_tls};
 
 use super::EXIT_USAGE;
 
@@ -170,7 +171,7 @@ fn serve_local(a: ServeArgs) -> Result<(), String> {
     let (chain, key) = ca
         .server_certificate(&a.server_names, Duration::from_secs(365 * 24 * 3600), now())
         .map_err(|e| e.to_string())?;
-    let tls = server_tls(&chain, &key)?;
+    let tls = server_tls(&chain, &key, Some(ca.trust_bundle_pem()))?;
     let issuance = Arc::new(Issuance {
         ca: Arc::new(ca),
         reviewer: Arc::new(tokens),
@@ -188,7 +189,12 @@ fn serve_local(a: ServeArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         tracing::info!(listen = %addr, trust_domain = %a.trust_domain, trust_bundle = %bundle.display(), "apiward local: identity endpoint serving");
-        serve(listener, tls, issuance, Arc::new(IdentityCounters::default())).await;
+        let endpoints = Endpoints {
+            issuance,
+            counters: Arc::new(IdentityCounters::default()),
+            hub: None,
+        };
+        serve(listener, tls, endpoints).await;
         Ok(())
     })
 }

@@ -2,7 +2,6 @@
 //! JSON [`CertificateRequest`] → 200 [`CertificateResponse`], or a 4xx/5xx
 //! `{"error": code, "message": ...}`. Every answer is logged and counted; tokens never are.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -99,61 +98,4 @@ pub async fn handle(
             error(r.status, r.code, &r.message)
         }
     }
-}
-
-/// Serves the identity endpoint over TLS until the listener fails.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    issuance: Arc<Issuance>,
-    counters: Arc<IdentityCounters>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let (acceptor, issuance, counters) = (acceptor.clone(), issuance.clone(), counters.clone());
-        tokio::spawn(async move {
-            let handshake =
-                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
-            let Ok(Ok(stream)) = handshake.await else {
-                return;
-            };
-            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                let (issuance, counters) = (issuance.clone(), counters.clone());
-                req.extensions_mut().insert(peer);
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &issuance, &counters).await) }
-            });
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-        });
-    }
-}
-
-/// A TLS server config from a PEM chain and key (TLS 1.3, and 1.2 with AEAD suites).
-pub fn server_tls(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| e.to_string())?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
 }
