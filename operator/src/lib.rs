@@ -9,5 +9,6 @@ pub mod cli;
 pub mod compile;
 pub mod identity;
 pub mod load;
+pub mod local;
 pub mod serve;
 pub mod status;

@@ -1,6 +1,9 @@
-//! `apiward local`: the control plane without a cluster. Today: the identity endpoint with
-//! a local CA, and tokens in the projected-token format signed by a local key (what the
-//! kubelet and TokenReview do in a cluster). Both keys live in `--state-dir`.
+//! `apiward local`: the control plane without a cluster. `serve` runs the identity endpoint
+//! with a local CA and, with `--policies` and `--mesh`, the config server: policies and
+//! workloads come from files, are compiled and pushed to the sidecars, and status is
+//! written next to each policy file. `token` mints tokens in the projected-token format,
+//! signed by a local key (what the kubelet and TokenReview do in a cluster). Both keys
+//! live in `--state-dir`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::identity::{AUDIENCE, Ca, Issuance, LocalTokens};
+use crate::serve::config::ConfigHub;
 use crate::serve::identity::IdentityCounters;
 use crate::serve::{Endpoints, serve, server_tls};
 
@@ -45,6 +49,13 @@ struct ServeArgs {
     /// Names in the server's own certificate (DNS names or IP addresses).
     #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
     server_names: Vec<String>,
+    /// Policies (a directory of YAML files, or one file): compiled and pushed to the
+    /// sidecars on every change; status is written next to each file.
+    #[arg(long, requires = "mesh")]
+    policies: Option<PathBuf>,
+    /// The mesh file: the workloads (name, namespace, labels, serviceAccount, ports).
+    #[arg(long, requires = "policies")]
+    mesh: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -168,6 +179,13 @@ fn serve_local(a: ServeArgs) -> Result<(), String> {
     let bundle = a.state_dir.join("trust-bundle.pem");
     std::fs::write(&bundle, ca.trust_bundle_pem())
         .map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let sources = match (&a.policies, &a.mesh) {
+        (Some(p), Some(m)) => {
+            crate::local::MeshFile::read(m)?;
+            Some(crate::local::LocalSources::new(p, m, &a.trust_domain))
+        }
+        _ => None,
+    };
     let (chain, key) = ca
         .server_certificate(&a.server_names, Duration::from_secs(365 * 24 * 3600), now())
         .map_err(|e| e.to_string())?;
@@ -189,10 +207,15 @@ fn serve_local(a: ServeArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         tracing::info!(listen = %addr, trust_domain = %a.trust_domain, trust_bundle = %bundle.display(), "apiward local: identity endpoint serving");
+        let hub = sources.map(|s| {
+            let hub = Arc::new(ConfigHub::new(&a.trust_domain));
+            tokio::spawn(crate::local::run(s, hub.clone()));
+            hub
+        });
         let endpoints = Endpoints {
             issuance,
             counters: Arc::new(IdentityCounters::default()),
-            hub: None,
+            hub,
         };
         serve(listener, tls, endpoints).await;
         Ok(())
