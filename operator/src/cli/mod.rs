@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod check;
+mod demo;
 mod explain;
 mod local;
 pub mod scenario;
@@ -29,6 +30,8 @@ enum Command {
     Crds,
     /// The control plane without a cluster (local CA and tokens).
     Local(local::LocalArgs),
+    /// The whole product on this machine: a small shop, sidecars, attacks, a report.
+    Demo(demo::DemoArgs),
 }
 
 /// Output format.
@@ -73,6 +76,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Explain(args) => explain::run(&args),
         Command::Local(args) => local::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Crds => {
             print!("{}", apiward_crds::crd_yaml());
             ExitCode::SUCCESS
