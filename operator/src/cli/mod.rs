@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod check;
+#[cfg(feature = "demo")]
 mod demo;
 mod explain;
 mod local;
@@ -31,6 +32,7 @@ enum Command {
     /// The control plane without a cluster (local CA and tokens).
     Local(local::LocalArgs),
     /// The whole product on this machine: a small shop, sidecars, attacks, a report.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
 }
 
@@ -76,6 +78,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Explain(args) => explain::run(&args),
         Command::Local(args) => local::run(args),
+        #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(args),
         Command::Crds => {
             print!("{}", apiward_crds::crd_yaml());
