@@ -120,8 +120,8 @@ impl Lab {
     }
 
     /// Starts a process inside `pod` (optionally as `uid`), output appended to `log`; it is
-    /// killed when the lab drops.
-    pub fn spawn(&mut self, pod: &Pod, uid: Option<u32>, args: &[&str], log: &Path) {
+    /// killed when the lab drops. Returns its pid (for [`Lab::kill`]).
+    pub fn spawn(&mut self, pod: &Pod, uid: Option<u32>, args: &[&str], log: &Path) -> u32 {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &pod.ns]);
         if let Some(uid) = uid {
@@ -149,7 +149,18 @@ impl Lab {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {args:?} in {}: {e}", pod.ns));
+        let pid = child.id();
         self.children.push(child);
+        pid
+    }
+
+    /// Kills a process started with [`Lab::spawn`] (SIGKILL: no goodbye) and waits for it.
+    pub fn kill(&mut self, pid: u32) {
+        if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
+            let mut c = self.children.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Stops the processes started with [`Lab::spawn`] (politely, so captures flush).

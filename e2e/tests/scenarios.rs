@@ -1,0 +1,195 @@
+//! The whole system, end to end, through the [`Environment`] trait: here the local lab
+//! (network namespaces, real iptables interception, real sidecars under their own UID, the
+//! `apiward local serve` control plane as a process). Needs root; see e2e/README.md for why
+//! each scenario exists.
+
+use std::time::{Duration, Instant};
+
+use apiward_e2e::env::{Environment, LocalLab, wait_for};
+use apiward_e2e::tempdir;
+
+/// `shop/checkout` may GET `paths` on users and orders; `mode` Enforce or Audit.
+fn policy(version_note: &str, mode: &str, paths: &[&str]) -> String {
+    format!(
+        "# {version_note}\n\
+         apiVersion: apiward.io/v1alpha1\n\
+         kind: ApiPolicy\n\
+         metadata: {{name: backend, namespace: shop}}\n\
+         spec:\n\
+         \x20 targetRef:\n\
+         \x20   selector: {{matchExpressions: [{{key: app, operator: In, values: [users, orders]}}]}}\n\
+         \x20 mode: {mode}\n\
+         \x20 rules:\n\
+         \x20   - name: checkout-reads\n\
+         \x20     from: [{{serviceAccounts: [shop/checkout]}}]\n\
+         \x20     to: [{{methods: [GET], paths: {paths:?}}}]\n"
+    )
+}
+
+fn condition(env: &LocalLab, type_: &str) -> Option<(String, String)> {
+    let s = env.status("backend")?;
+    let c = s.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.message.clone()))
+}
+
+/// The versions the backends enforce (each pod's config has its own version).
+type Versions = Vec<Option<String>>;
+
+fn versions(env: &LocalLab) -> Versions {
+    ["users", "orders"]
+        .map(|w| env.enforced_version(w))
+        .to_vec()
+}
+
+/// Waits until both backends enforce a config other than `not` and the status says every
+/// sidecar acknowledged it.
+fn wait_programmed(env: &LocalLab, not: Option<&Versions>) -> Versions {
+    wait_for(Duration::from_secs(20), "Programmed=True", || {
+        let now = versions(env);
+        condition(env, "Programmed").is_some_and(|(s, _)| s == "True")
+            && now.iter().all(Option::is_some)
+            && not.is_none_or(|old| now.iter().zip(old).all(|(a, b)| a != b))
+    });
+    versions(env)
+}
+
+fn lab(name: &str) -> LocalLab {
+    LocalLab::start(&tempdir(name), &["checkout", "users", "orders"])
+}
+
+#[test]
+fn a_policy_change_reaches_every_sidecar() {
+    let mut env = lab("scenario-change");
+    env.apply_policy("backend", &policy("v1", "Enforce", &["/a"]));
+    let v1 = wait_programmed(&env, None);
+    assert_eq!(env.get("checkout", "users", "/a"), 200);
+    assert_eq!(env.get("checkout", "users", "/b"), 403);
+    assert_eq!(env.get("users", "orders", "/a"), 403, "only checkout may");
+
+    let changed = Instant::now();
+    env.apply_policy("backend", &policy("v2", "Enforce", &["/a", "/b"]));
+    let mut reached = Vec::new();
+    for (i, w) in ["users", "orders"].into_iter().enumerate() {
+        wait_for(Duration::from_secs(20), "the new version", || {
+            env.enforced_version(w).is_some_and(|v| Some(v) != v1[i])
+        });
+        reached.push((w, changed.elapsed()));
+    }
+    // The figure (budget ≤ 1 s; asserted only with a generous timeout above). The control
+    // plane checks files every 500 ms, so half a second of it is the file watch.
+    println!("policy change → every sidecar: {reached:?}");
+    assert_eq!(env.get("checkout", "orders", "/b"), 200);
+    let took = wait_for(
+        Duration::from_secs(20),
+        "acknowledged in the status",
+        || condition(&env, "Programmed").is_some_and(|(s, _)| s == "True"),
+    );
+    println!(
+        "status: {} ({took:?} later)",
+        condition(&env, "Programmed").unwrap().1
+    );
+}
+
+#[test]
+fn sidecars_keep_enforcing_without_the_control_plane_and_catch_up() {
+    let mut env = lab("scenario-down");
+    env.apply_policy("backend", &policy("v1", "Enforce", &["/a"]));
+    let v1 = wait_programmed(&env, None);
+    env.stop_control_plane();
+    // The last config keeps being enforced, both ways.
+    for _ in 0..3 {
+        assert_eq!(env.get("checkout", "users", "/a"), 200);
+        assert_eq!(env.get("checkout", "users", "/b"), 403);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A change made while it is down arrives once it is back.
+    env.apply_policy("backend", &policy("v2", "Enforce", &["/a", "/b"]));
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(versions(&env), v1, "nothing changes while it is down");
+    let back = Instant::now();
+    env.start_control_plane();
+    wait_programmed(&env, Some(&v1));
+    println!(
+        "caught up {:?} after the control plane returned",
+        back.elapsed()
+    );
+    assert_eq!(env.get("checkout", "users", "/b"), 200);
+}
+
+#[test]
+fn a_sidecar_restarted_without_a_control_plane_refuses_until_configured() {
+    let mut env = lab("scenario-restart");
+    env.apply_policy("backend", &policy("v1", "Enforce", &["/a"]));
+    wait_programmed(&env, None);
+    env.stop_control_plane();
+    env.restart_sidecar("users");
+    // No certificate and no config: nothing gets through (fail closed).
+    for _ in 0..3 {
+        assert_ne!(env.get("checkout", "users", "/a"), 200);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        env.get("checkout", "orders", "/a"),
+        200,
+        "the others still serve"
+    );
+    env.start_control_plane();
+    let took = wait_for(Duration::from_secs(40), "served again", || {
+        env.get("checkout", "users", "/a") == 200
+    });
+    println!("the restarted sidecar served {took:?} after the control plane returned");
+    assert_eq!(env.get("checkout", "users", "/b"), 403);
+}
+
+#[test]
+fn a_malformed_policy_file_changes_nothing_and_is_reported() {
+    let mut env = lab("scenario-malformed");
+    env.apply_policy("backend", &policy("v1", "Enforce", &["/a"]));
+    let v1 = wait_programmed(&env, None);
+    env.apply_policy(
+        "backend",
+        &policy("v2", "Enforce", &["/a", "/b"]).replace("mode: Enforce", "mode: Sometimes"),
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the error in the status file",
+        || {
+            env.source_errors("backend")
+                .iter()
+                .any(|e| e.contains("Sometimes"))
+        },
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(versions(&env), v1, "no sidecar's config changed");
+    assert_eq!(
+        env.get("checkout", "users", "/b"),
+        403,
+        "the bad change did not apply"
+    );
+    assert_eq!(
+        condition(&env, "Ready").unwrap().0,
+        "True",
+        "v1 is still enforced"
+    );
+}
+
+#[test]
+fn audit_then_enforce_rollout() {
+    let mut env = lab("scenario-rollout");
+    env.apply_policy("backend", &policy("audit", "Audit", &["/a"]));
+    let audit = wait_programmed(&env, None);
+    // In Audit mode a request the rules would refuse is let through (and counted).
+    assert_eq!(
+        env.get("users", "orders", "/a"),
+        200,
+        "Audit lets it through"
+    );
+    env.apply_policy("backend", &policy("enforce", "Enforce", &["/a"]));
+    wait_programmed(&env, Some(&audit));
+    assert_eq!(env.get("users", "orders", "/a"), 403, "Enforce refuses it");
+    assert_eq!(
+        env.get("checkout", "orders", "/a"),
+        200,
+        "the allowed caller is unaffected"
+    );
+}
