@@ -215,6 +215,8 @@ pub struct Decision<'e> {
     pub delay_ms: u64,
     /// For binding failures: the bound parameter that did not match.
     pub detail: Option<String>,
+    /// `template` is a declared endpoint's (not a rule's).
+    pub declared: bool,
     /// The matched declared endpoint is deprecated.
     pub deprecated: bool,
     /// Sunset of the matched endpoint (Unix s), if any.
@@ -638,6 +640,7 @@ impl Engine {
             quota: None,
             delay_ms: 0,
             detail: None,
+            declared: false,
             deprecated: false,
             sunset_unix: None,
             mtls,
@@ -713,6 +716,7 @@ impl Engine {
             match ep {
                 Some(ep) => {
                     d.template = Some(ep.path.as_str());
+                    d.declared = true;
                     d.deprecated = ep.deprecated;
                     d.sunset_unix = ep.sunset_unix;
                     if ep

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod duration;
 pub mod engine;
+pub mod inventory;
 pub mod normalize;
 pub mod quota;
 pub mod report;
