@@ -317,5 +317,9 @@ impl Environment for LocalLab {
 impl Drop for LocalLab {
     fn drop(&mut self) {
         self.stop_control_plane();
+        self.lab.stop_all();
+        // The copied binaries are large; logs, settings and status stay for a post-mortem.
+        let _ = std::fs::remove_file(&self.apiward);
+        let _ = std::fs::remove_file(&self.sidecar);
     }
 }

@@ -37,6 +37,17 @@ pub fn tempdir(name: &str) -> PathBuf {
     d
 }
 
+/// Removes a file when dropped (the large binaries tests copy into their temp dirs), even
+/// when the test fails.
+#[derive(Debug)]
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// The operator's identity endpoint, running in this process.
 pub struct Operator {
     /// The mesh CA.

@@ -61,6 +61,7 @@ fn the_mesh_encrypts_authenticates_authorizes_and_polices_egress() {
     require(&["ip", "iptables", "tcpdump", "setpriv"]);
     let dir = tempdir("mesh");
     let bin = sidecar_binary(&dir, "debug");
+    let _remove = apiward_e2e::RemoveOnDrop(bin.clone());
     let mut lab = Lab::new();
     let (a, b, c, x) = (
         lab.pod("a", 2),

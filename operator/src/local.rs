@@ -223,6 +223,7 @@ impl LocalSources {
     pub fn write_statuses(&mut self, hub: &ConfigHub) -> usize {
         let results = self.compiler.policy_results();
         let reports = hub.reports();
+        let inventory = hub.inventory();
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let mut by_file: BTreeMap<PathBuf, StatusFile> = BTreeMap::new();
         for (file, state) in &self.files {
@@ -236,6 +237,7 @@ impl LocalSources {
                 let Some(result) = results.get(&pk) else {
                     continue;
                 };
+                let seen = crate::status::inventory(p, &result.pods, &inventory);
                 let global = p
                     .spec
                     .quotas
@@ -249,6 +251,7 @@ impl LocalSources {
                     global,
                     self.statuses.get(&pk),
                     now.clone(),
+                    Some(seen),
                 );
                 self.statuses.insert(pk.clone(), status.clone());
                 entry.policies.insert(pk, status);

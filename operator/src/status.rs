@@ -10,9 +10,132 @@ use apiward_policy::report::Report;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::compile::{PolicyCondition, PolicyResult};
+use crate::serve::config::PodInventory;
 
 /// Most warnings kept in a status.
 const MAX_WARNINGS: usize = 32;
+/// Most endpoints listed in a policy's status: the flagged ones first, then the busiest;
+/// the rest are only counted (`summary.omitted`), so status stays small.
+pub const MAX_STATUS_ENDPOINTS: usize = 100;
+
+fn rfc3339(unix: i64) -> Option<String> {
+    k8s_openapi::jiff::Timestamp::from_second(unix)
+        .ok()
+        .map(|t| t.to_string())
+}
+
+/// The inventory of a policy: what its pods served, merged across pods, with flags.
+/// - `shadow`: served (not only refused) but not declared, when the policy declares an API;
+/// - `zombie`: declared deprecated (or with a sunset), yet called;
+/// - `unauthenticated`: served to callers with no identity (counted in `summary`);
+/// - `unused`: declared but not seen since the control plane started.
+pub fn inventory(
+    policy: &apiward_crds::ApiPolicy,
+    pods: &[String],
+    seen: &BTreeMap<String, PodInventory>,
+) -> apiward_crds::Inventory {
+    use apiward_crds::{InventoryEndpoint, InventorySummary};
+    let mut merged: BTreeMap<(String, String), apiward_policy::report::InventoryEntry> =
+        BTreeMap::new();
+    for pod in pods {
+        for e in seen.get(pod).iter().flat_map(|i| i.endpoints.values()) {
+            match merged.get_mut(&(e.method.clone(), e.path.clone())) {
+                Some(have) => have.merge(e),
+                None => {
+                    merged.insert((e.method.clone(), e.path.clone()), e.clone());
+                }
+            }
+        }
+    }
+    let api = policy.spec.api.as_ref();
+    let declares = api.is_some_and(|a| !a.endpoints.is_empty() || a.openapi_ref.is_some());
+    let declared: BTreeMap<(String, String), &apiward_crds::Endpoint> = api
+        .map(|a| {
+            a.endpoints
+                .iter()
+                .map(|e| ((e.method.as_str().to_owned(), e.path.clone()), e))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut endpoints: Vec<InventoryEndpoint> = Vec::new();
+    for ((method, path), e) in &merged {
+        let mut reasons = Vec::new();
+        // Shadow means served: requests refused before reaching the app do not make one.
+        let shadow = !e.declared && declares && e.requests > e.denied;
+        if shadow {
+            reasons.push("shadow: served but not declared in the policy's API".to_string());
+        }
+        let spec = declared.get(&(method.clone(), path.clone()));
+        let zombie = e.declared && spec.is_some_and(|d| d.deprecated || d.sunset.is_some());
+        if zombie {
+            reasons.push(format!(
+                "zombie: declared deprecated{}, still called",
+                spec.and_then(|d| d.sunset.as_deref())
+                    .map(|s| format!(" (sunset {s})"))
+                    .unwrap_or_default()
+            ));
+        }
+        if e.unauthenticated > 0 {
+            reasons.push(format!(
+                "unauthenticated: {} requests from callers with no identity",
+                e.unauthenticated
+            ));
+        }
+        let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        let mut top = e.top_principals.clone();
+        top.sort_by_key(|p| std::cmp::Reverse(p.requests));
+        endpoints.push(InventoryEndpoint {
+            method: method.clone(),
+            path: path.clone(),
+            declared: e.declared,
+            requests: e.requests,
+            responses: classes
+                .iter()
+                .zip(e.responses)
+                .filter(|(_, n)| *n > 0)
+                .map(|(c, n)| ((*c).to_owned(), n))
+                .collect(),
+            unauthenticated: e.unauthenticated,
+            denied: e.denied,
+            would_deny: e.would_deny,
+            first_seen: rfc3339(e.first_seen),
+            last_seen: rfc3339(e.last_seen),
+            shadow,
+            zombie,
+            unused: false,
+            reasons,
+            top_callers: top.into_iter().map(|p| p.principal).collect(),
+        });
+    }
+    for ((method, path), _) in declared.iter().filter(|(k, _)| !merged.contains_key(*k)) {
+        endpoints.push(InventoryEndpoint {
+            method: method.clone(),
+            path: path.clone(),
+            declared: true,
+            unused: true,
+            reasons: vec!["unused: declared but not called since the control plane started".into()],
+            ..Default::default()
+        });
+    }
+    let summary = InventorySummary {
+        endpoints: merged.len() as u32,
+        shadow: endpoints.iter().filter(|e| e.shadow).count() as u32,
+        zombie: endpoints.iter().filter(|e| e.zombie).count() as u32,
+        unauthenticated: endpoints.iter().filter(|e| e.unauthenticated > 0).count() as u32,
+        unused: endpoints.iter().filter(|e| e.unused).count() as u32,
+        omitted: endpoints.len().saturating_sub(MAX_STATUS_ENDPOINTS) as u32,
+    };
+    // Flagged first, then the busiest.
+    endpoints.sort_by(|a, b| {
+        let flagged = |e: &InventoryEndpoint| e.shadow || e.zombie || e.unauthenticated > 0;
+        flagged(b)
+            .cmp(&flagged(a))
+            .then(b.requests.cmp(&a.requests))
+            .then(a.path.cmp(&b.path))
+    });
+    endpoints.truncate(MAX_STATUS_ENDPOINTS);
+    apiward_crds::Inventory { endpoints, summary }
+}
 
 /// `Programmed` from the pods a policy selects, the version published for each, and the
 /// latest report of each.
@@ -85,6 +208,7 @@ pub fn programmed(
 
 /// The whole status of a policy. `previous` keeps each condition's transition time while
 /// its status does not change.
+#[allow(clippy::too_many_arguments)]
 pub fn policy_status(
     result: &PolicyResult,
     generation: Option<i64>,
@@ -93,6 +217,7 @@ pub fn policy_status(
     has_global_quotas: bool,
     previous: Option<&ApiPolicyStatus>,
     now: Time,
+    inventory: Option<apiward_crds::Inventory>,
 ) -> ApiPolicyStatus {
     let mut conds = result.conditions.clone();
     let (prog, targets) = programmed(&result.pods, published, reports);
@@ -145,7 +270,7 @@ pub fn policy_status(
         warnings: result.warnings.iter().take(MAX_WARNINGS).cloned().collect(),
         targets: Some(targets),
         decisions: None,
-        inventory: None,
+        inventory,
     }
 }
 
@@ -213,6 +338,56 @@ mod tests {
             certificate: None,
             quota_store: store.map(|(available, errors)| QuotaStoreHealth { available, errors }),
         }
+    }
+
+    #[test]
+    fn a_policy_whose_pods_saw_ten_thousand_endpoints_has_a_small_status() {
+        use apiward_policy::report::InventoryEntry;
+        let policy: apiward_crds::ApiPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "apiward.io/v1alpha1", "kind": "ApiPolicy",
+            "metadata": {"name": "orders", "namespace": "shop"},
+            "spec": {"targetRef": {"selector": {"matchLabels": {"app": "orders"}}},
+                     "api": {"endpoints": [{"method": "GET", "path": "/v1/orders/{id}", "deprecated": true}]}}
+        }))
+        .unwrap();
+        let mut pods = std::collections::BTreeMap::new();
+        for pod in ["shop/orders-0", "shop/orders-1"] {
+            let mut inv = PodInventory::default();
+            for i in 0..10_000u64 {
+                let path = format!("/scan/{i}/{}", "x".repeat(40));
+                inv.endpoints.insert(
+                    (8080, "GET".into(), path.clone()),
+                    InventoryEntry {
+                        port: 8080,
+                        method: "GET".into(),
+                        path,
+                        declared: false,
+                        requests: i % 7 + 1,
+                        responses: [0, i % 7 + 1, 0, 0, 0],
+                        unauthenticated: i % 2,
+                        denied: 0,
+                        would_deny: 0,
+                        first_seen: 1_800_000_000,
+                        last_seen: 1_800_000_100,
+                        top_principals: vec![],
+                        latency_sum_micros: 100,
+                    },
+                );
+            }
+            pods.insert(pod.to_string(), inv);
+        }
+        let names: Vec<String> = pods.keys().cloned().collect();
+        let inv = inventory(&policy, &names, &pods);
+        assert_eq!(inv.summary.endpoints, 10_000);
+        assert_eq!(inv.summary.shadow, 10_000);
+        assert_eq!(
+            inv.summary.unused, 1,
+            "the declared endpoint was never called"
+        );
+        assert_eq!(inv.endpoints.len(), MAX_STATUS_ENDPOINTS);
+        assert!(inv.summary.omitted > 0);
+        let size = serde_json::to_vec(&inv).unwrap().len();
+        assert!(size < 256 * 1024, "status inventory is {size} bytes");
     }
 
     #[test]

@@ -77,4 +77,19 @@ fn the_demo_blocks_or_detects_every_attack_without_root() {
         stdout.contains("Ready=True"),
         "the policies' status is shown:\n{stdout}"
     );
+    // The inventory the sidecars reported: a zombie, a shadow endpoint (catalog is in
+    // Audit, so its undeclared endpoint was served), declared endpoints never called.
+    let inventory = stdout.split("Inventory").nth(1).unwrap_or_default();
+    for (path, flag) in [
+        ("/v1/orders/{orderId}", "zombie"),
+        ("/internal/metrics", "shadow"),
+        ("/charges/{chargeId}", "unused"),
+    ] {
+        assert!(
+            inventory
+                .lines()
+                .any(|l| l.contains(path) && l.contains(flag)),
+            "{path} is not flagged {flag}:\n{inventory}"
+        );
+    }
 }

@@ -347,7 +347,9 @@ pub async fn keep_reporting(shared: Arc<Shared>, c: Control) {
         {
             continue; // no certificate yet to authenticate with
         }
-        let body = match serde_json::to_vec(&report(&shared, &c.pod)) {
+        let mut r = report(&shared, &c.pod);
+        (r.inventory, r.inventory_overflow) = shared.inventory.take();
+        let body = match serde_json::to_vec(&r) {
             Ok(b) => b,
             Err(_) => continue,
         };
@@ -375,8 +377,12 @@ pub async fn keep_reporting(shared: Arc<Shared>, c: Control) {
             }
             Ok((status, body)) => {
                 tracing::warn!(%status, body = %String::from_utf8_lossy(&body), "report refused");
+                shared.inventory.restore(r.inventory, r.inventory_overflow);
             }
-            Err(e) => tracing::debug!(error = %e, "report not sent"),
+            Err(e) => {
+                tracing::debug!(error = %e, "report not sent");
+                shared.inventory.restore(r.inventory, r.inventory_overflow);
+            }
         }
         last_sent = tokio::time::Instant::now();
     }

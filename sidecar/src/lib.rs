@@ -22,6 +22,7 @@ pub mod client;
 pub mod control;
 pub mod identity;
 pub mod init;
+pub mod inventory;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;

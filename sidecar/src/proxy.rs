@@ -684,6 +684,18 @@ pub async fn handle(
             start,
         );
         record(shared, &decision, status.as_u16());
+        let (method, path) = (req.method().as_str(), req.uri().path());
+        see(
+            shared,
+            port_no,
+            method,
+            path,
+            &decision,
+            status.as_u16(),
+            &caller,
+            info,
+            start,
+        );
         return r;
     }
     if decision.delay_ms > 0 {
@@ -723,6 +735,17 @@ pub async fn handle(
     .await;
     let status = resp.status().as_u16();
     record_status_rule(shared, label, reason, status, &decision);
+    see(
+        shared,
+        port_no,
+        method.as_str(),
+        &path,
+        &decision,
+        status,
+        &caller,
+        info,
+        start,
+    );
     log_decision(
         shared,
         &active,
@@ -1126,6 +1149,46 @@ fn rate_limit_headers(h: &mut HeaderMap, d: &Decision<'_>) {
             v.retry_after_ms.div_ceil(1000).max(1).to_string(),
         );
     }
+}
+
+/// Counts the request in the inventory (see [`crate::inventory`]).
+#[allow(clippy::too_many_arguments)]
+fn see(
+    shared: &Shared,
+    port: u16,
+    method: &str,
+    path: &str,
+    d: &Decision<'_>,
+    status: u16,
+    caller: &Caller,
+    info: &ConnInfo,
+    start: Instant,
+) {
+    use apiward_policy::report::AuthKind;
+    let id = caller.identity(info);
+    let auth = if id.api_key.is_some() {
+        AuthKind::ApiKey
+    } else if id.jwt.is_some() {
+        AuthKind::Jwt
+    } else if id.peer.is_some() {
+        AuthKind::Mtls
+    } else {
+        AuthKind::None
+    };
+    let principal = apiward_policy::engine::principal_of(&id);
+    shared.inventory.record(&crate::inventory::Seen {
+        port,
+        method,
+        path,
+        declared: d.template.filter(|_| d.declared),
+        status,
+        auth,
+        principal: principal.as_deref(),
+        denied: !d.allowed,
+        would_deny: d.would_deny,
+        latency_micros: start.elapsed().as_micros() as u64,
+        now: (now_ms() / 1000) as i64,
+    });
 }
 
 fn record(shared: &Shared, d: &Decision<'_>, status: u16) {

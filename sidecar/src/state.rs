@@ -105,6 +105,8 @@ pub struct Shared {
     pub identity: Option<Arc<crate::identity::WorkloadIdentity>>,
     /// TLS handshakes allowed at once ([`MAX_HANDSHAKES`]).
     pub handshakes: tokio::sync::Semaphore,
+    /// Endpoints served since the last report.
+    pub inventory: crate::inventory::Inventory,
     /// The last config pushed by the operator that validated (see [`crate::control`]).
     pub pushed: ArcSwapOption<SidecarConfig>,
     /// The last pushed config refused, and why (for the next report).
@@ -132,6 +134,7 @@ impl Shared {
             identity: None,
             handshakes: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
             pushed: ArcSwapOption::empty(),
+            inventory: Default::default(),
             rejected: Default::default(),
         }
     }

@@ -1051,38 +1051,79 @@ fn print_report(rows: &[Row]) -> bool {
     all
 }
 
-fn print_status(policies: &Path) {
-    println!("\nPolicies (status written by the control plane next to each file):\n");
-    let Ok(files) = crate::load::yaml_files(&[policies.to_owned()]) else {
-        return;
-    };
-    for f in files
+/// The policies' status files, as the control plane wrote them.
+fn statuses(policies: &Path) -> Vec<(String, apiward_crds::ApiPolicyStatus)> {
+    let files = crate::load::yaml_files(&[policies.to_owned()]).unwrap_or_default();
+    files
         .iter()
         .filter(|f| f.to_string_lossy().ends_with(".status.yaml"))
-    {
-        let Ok(text) = std::fs::read_to_string(f) else {
-            continue;
-        };
-        let Ok(s) = serde_norway::from_str::<crate::local::StatusFile>(&text) else {
-            continue;
-        };
-        for (name, st) in &s.policies {
-            let cond = |t: &str| {
-                st.conditions
-                    .iter()
-                    .find(|c| c.type_ == t)
-                    .map_or("?".to_string(), |c| format!("{}={}", t, c.status))
-            };
-            let programmed = st
-                .conditions
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .filter_map(|t| serde_norway::from_str::<crate::local::StatusFile>(&t).ok())
+        .flat_map(|s| s.policies)
+        .collect()
+}
+
+fn print_status(statuses: &[(String, apiward_crds::ApiPolicyStatus)]) {
+    println!("\nPolicies (status written by the control plane next to each file):\n");
+    for (name, st) in statuses {
+        let cond = |t: &str| {
+            st.conditions
                 .iter()
-                .find(|c| c.type_ == "Programmed")
-                .map_or(String::new(), |c| c.message.clone());
+                .find(|c| c.type_ == t)
+                .map_or("?".to_string(), |c| format!("{}={}", t, c.status))
+        };
+        let programmed = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Programmed")
+            .map_or(String::new(), |c| c.message.clone());
+        println!(
+            "  {name:<22} {} {} {}  ({programmed})",
+            cond("Accepted"),
+            cond("Programmed"),
+            cond("Ready")
+        );
+    }
+}
+
+/// The inventory the sidecars reported, as the policies' status holds it.
+fn print_inventory(statuses: &[(String, apiward_crds::ApiPolicyStatus)]) {
+    println!("\nInventory (the endpoints the sidecars saw, templated, with flags):\n");
+    println!(
+        "  {:<14} {:<6} {:<30} {:>5} {:>5} {:>5} {:>5}  flags",
+        "policy", "method", "path", "reqs", "2xx", "4xx", "5xx"
+    );
+    for (name, st) in statuses {
+        let Some(inv) = &st.inventory else { continue };
+        for e in &inv.endpoints {
+            let n = |c: &str| e.responses.get(c).copied().unwrap_or(0);
+            let flags: Vec<&str> = [
+                (e.shadow, "shadow"),
+                (e.zombie, "zombie"),
+                (e.unauthenticated > 0, "unauthenticated"),
+                (e.unused, "unused"),
+                (
+                    !e.declared && !e.shadow && e.denied == e.requests,
+                    "undeclared, refused",
+                ),
+                (
+                    !e.declared && !e.shadow && e.denied < e.requests,
+                    "inferred",
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(on, f)| on.then_some(f))
+            .collect();
             println!(
-                "  {name:<22} {} {} {}  ({programmed})",
-                cond("Accepted"),
-                cond("Programmed"),
-                cond("Ready")
+                "  {:<14} {:<6} {:<30} {:>5} {:>5} {:>5} {:>5}  {}",
+                name.trim_start_matches("shop/"),
+                e.method,
+                e.path,
+                e.requests,
+                n("2xx"),
+                n("4xx"),
+                n("5xx"),
+                flags.join(", ")
             );
         }
     }
@@ -1138,7 +1179,9 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
     );
     // Let the sidecars report, then show the policies' status.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    print_status(&policies);
+    let st = statuses(&policies);
+    print_status(&st);
+    print_inventory(&st);
     let blocked = rows
         .iter()
         .filter(|r| matches!(r.outcome, Outcome::Blocked(_)))

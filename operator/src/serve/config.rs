@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use apiward_policy::SidecarConfig;
 use apiward_policy::config::Workload;
-use apiward_policy::report::{REPORT_API_VERSION, Report};
+use apiward_policy::report::{InventoryEntry, REPORT_API_VERSION, Report};
 use bytes::Bytes;
 use tokio::sync::watch;
 
@@ -38,10 +38,23 @@ struct Pod {
     tx: watch::Sender<Option<Snapshot>>,
 }
 
+/// Endpoints kept per pod; reports about further endpoints only add to `overflow`.
+pub const MAX_POD_ENDPOINTS: usize = 10_000;
+
+/// A pod's inventory since the hub started: the sum of its reports' deltas.
+#[derive(Debug, Clone, Default)]
+pub struct PodInventory {
+    /// (port, method, path) → counts.
+    pub endpoints: BTreeMap<(u16, String, String), InventoryEntry>,
+    /// Requests to endpoints that did not fit (here or in the sidecar's table).
+    pub overflow: u64,
+}
+
 #[derive(Debug, Default)]
 struct State {
     pods: HashMap<String, Pod>,
     reports: BTreeMap<String, Report>,
+    inventory: BTreeMap<String, PodInventory>,
 }
 
 /// The latest config and report of every pod.
@@ -110,6 +123,7 @@ impl ConfigHub {
         }
         state.pods.retain(|k, _| seen.contains(k));
         state.reports.retain(|k, _| seen.contains(k));
+        state.inventory.retain(|k, _| seen.contains(k));
         changed
     }
 
@@ -175,6 +189,20 @@ impl ConfigHub {
         }
         let mut state = self.state();
         let key = self.authorize(&state, caller, &report.workload.name)?;
+        let mut report = report;
+        let inv = state.inventory.entry(key.clone()).or_default();
+        inv.overflow += report.inventory_overflow;
+        for e in std::mem::take(&mut report.inventory) {
+            let k = (e.port, e.method.clone(), e.path.clone());
+            let room = inv.endpoints.len() < MAX_POD_ENDPOINTS;
+            match inv.endpoints.get_mut(&k) {
+                Some(have) => have.merge(&e),
+                None if room => {
+                    inv.endpoints.insert(k, e);
+                }
+                None => inv.overflow += e.requests,
+            }
+        }
         state.reports.insert(key, report);
         drop(state);
         self.reported.send_modify(|n| *n += 1);
@@ -184,6 +212,11 @@ impl ConfigHub {
     /// The latest report of every pod that sent one (`namespace/name` →).
     pub fn reports(&self) -> BTreeMap<String, Report> {
         self.state().reports.clone()
+    }
+
+    /// The accumulated inventory of every pod that reported one.
+    pub fn inventory(&self) -> BTreeMap<String, PodInventory> {
+        self.state().inventory.clone()
     }
 
     /// Changes every time a report arrives.

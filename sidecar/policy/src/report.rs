@@ -126,6 +126,52 @@ pub struct InventoryEntry {
     pub latency_sum_micros: u64,
 }
 
+/// Callers kept per endpoint (the busiest).
+pub const TOP_PRINCIPALS: usize = 4;
+
+impl InventoryEntry {
+    /// Adds another interval's (or another pod's) counts for the same endpoint.
+    pub fn merge(&mut self, from: &InventoryEntry) {
+        self.requests += from.requests;
+        for (a, b) in self.responses.iter_mut().zip(from.responses) {
+            *a += b;
+        }
+        self.unauthenticated += from.unauthenticated;
+        self.denied += from.denied;
+        self.would_deny += from.would_deny;
+        self.first_seen = self.first_seen.min(from.first_seen);
+        self.last_seen = self.last_seen.max(from.last_seen);
+        self.latency_sum_micros += from.latency_sum_micros;
+        for p in &from.top_principals {
+            self.count_principal(&p.principal, p.requests);
+        }
+    }
+
+    /// Counts `n` requests from `principal`, keeping the [`TOP_PRINCIPALS`] busiest
+    /// (space-saving: a newcomer busier than the least busy replaces it).
+    pub fn count_principal(&mut self, principal: &str, n: u64) {
+        if let Some(p) = self
+            .top_principals
+            .iter_mut()
+            .find(|p| p.principal == principal)
+        {
+            p.requests += n;
+        } else if self.top_principals.len() < TOP_PRINCIPALS {
+            self.top_principals.push(PrincipalCount {
+                principal: principal.to_owned(),
+                requests: n,
+            });
+        } else if let Some(min) = self.top_principals.iter_mut().min_by_key(|p| p.requests)
+            && min.requests < n
+        {
+            *min = PrincipalCount {
+                principal: principal.to_owned(),
+                requests: n,
+            };
+        }
+    }
+}
+
 /// A caller and its request count.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
