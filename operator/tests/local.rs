@@ -144,3 +144,77 @@ fn policy_files_become_configs_and_acks_become_status() {
     assert_eq!(condition(&s, "Programmed").1, "Pending");
     assert_eq!(s.policies["shop/users-api"].observed_generation, Some(2));
 }
+
+#[test]
+fn reported_inventory_is_in_the_status_and_apiward_inventory_shows_it() {
+    let dir = tempdir("inventory");
+    let (policies, mesh) = setup(&dir);
+    let hub = ConfigHub::new("cluster.local");
+    let mut sources = LocalSources::new(&policies, &mesh, "cluster.local");
+    sources.scan();
+    sources.publish(&hub);
+    let entry = |path: &str, declared: bool, unauthenticated: u64| {
+        serde_json::json!({"port": 8080, "method": "GET", "path": path, "declared": declared,
+            "requests": 5, "responses": [0, 5, 0, 0, 0], "unauthenticated": unauthenticated,
+            "denied": 0, "wouldDeny": 0, "firstSeen": 1_800_000_000, "lastSeen": 1_800_000_060})
+    };
+    for pod in ["users-0", "users-1"] {
+        let report: Report = serde_json::from_value(serde_json::json!({
+            "apiVersion": "apiward.io/report/v1alpha1",
+            "workload": {"namespace": "shop", "name": pod, "serviceAccount": "users"},
+            "inventory": [entry("/users/{userId}", true, 0), entry("/debug/vars", false, 5)],
+        }))
+        .unwrap();
+        let caller = parse_spiffe("spiffe://cluster.local/ns/shop/sa/users").unwrap();
+        hub.report(&caller, report).unwrap();
+    }
+    sources.write_statuses(&hub);
+    let s = status(&policies);
+    let inv = s.policies["shop/users-api"].inventory.clone().unwrap();
+    let debug = inv
+        .endpoints
+        .iter()
+        .find(|e| e.path == "/debug/vars")
+        .unwrap();
+    assert!(debug.shadow && debug.unauthenticated == 10, "{debug:?}");
+    assert_eq!(debug.requests, 10, "summed over both pods");
+    let users = inv
+        .endpoints
+        .iter()
+        .find(|e| e.path == "/users/{userId}")
+        .unwrap();
+    assert!(users.declared && !users.shadow);
+    assert_eq!(inv.summary.shadow, 1);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_apiward"))
+        .args(["inventory", "--local"])
+        .arg(&policies)
+        .arg("users-api")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines().any(|l| l.contains("/debug/vars")
+            && l.contains("shadow")
+            && l.contains("unauthenticated")),
+        "{text}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_apiward"))
+        .args(["inventory", "--local"])
+        .arg(&policies)
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["shop/users-api"]["summary"]["shadow"], 1);
+    let none = std::process::Command::new(env!("CARGO_BIN_EXE_apiward"))
+        .args(["inventory"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        none.status.code(),
+        Some(2),
+        "a cluster is not readable yet: a usage error"
+    );
+}

@@ -1051,18 +1051,6 @@ fn print_report(rows: &[Row]) -> bool {
     all
 }
 
-/// The policies' status files, as the control plane wrote them.
-fn statuses(policies: &Path) -> Vec<(String, apiward_crds::ApiPolicyStatus)> {
-    let files = crate::load::yaml_files(&[policies.to_owned()]).unwrap_or_default();
-    files
-        .iter()
-        .filter(|f| f.to_string_lossy().ends_with(".status.yaml"))
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .filter_map(|t| serde_norway::from_str::<crate::local::StatusFile>(&t).ok())
-        .flat_map(|s| s.policies)
-        .collect()
-}
-
 fn print_status(statuses: &[(String, apiward_crds::ApiPolicyStatus)]) {
     println!("\nPolicies (status written by the control plane next to each file):\n");
     for (name, st) in statuses {
@@ -1083,49 +1071,6 @@ fn print_status(statuses: &[(String, apiward_crds::ApiPolicyStatus)]) {
             cond("Programmed"),
             cond("Ready")
         );
-    }
-}
-
-/// The inventory the sidecars reported, as the policies' status holds it.
-fn print_inventory(statuses: &[(String, apiward_crds::ApiPolicyStatus)]) {
-    println!("\nInventory (the endpoints the sidecars saw, templated, with flags):\n");
-    println!(
-        "  {:<14} {:<6} {:<30} {:>5} {:>5} {:>5} {:>5}  flags",
-        "policy", "method", "path", "reqs", "2xx", "4xx", "5xx"
-    );
-    for (name, st) in statuses {
-        let Some(inv) = &st.inventory else { continue };
-        for e in &inv.endpoints {
-            let n = |c: &str| e.responses.get(c).copied().unwrap_or(0);
-            let flags: Vec<&str> = [
-                (e.shadow, "shadow"),
-                (e.zombie, "zombie"),
-                (e.unauthenticated > 0, "unauthenticated"),
-                (e.unused, "unused"),
-                (
-                    !e.declared && !e.shadow && e.denied == e.requests,
-                    "undeclared, refused",
-                ),
-                (
-                    !e.declared && !e.shadow && e.denied < e.requests,
-                    "inferred",
-                ),
-            ]
-            .into_iter()
-            .filter_map(|(on, f)| on.then_some(f))
-            .collect();
-            println!(
-                "  {:<14} {:<6} {:<30} {:>5} {:>5} {:>5} {:>5}  {}",
-                name.trim_start_matches("shop/"),
-                e.method,
-                e.path,
-                e.requests,
-                n("2xx"),
-                n("4xx"),
-                n("5xx"),
-                flags.join(", ")
-            );
-        }
     }
 }
 
@@ -1179,9 +1124,10 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
     );
     // Let the sidecars report, then show the policies' status.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let st = statuses(&policies);
+    let st = super::inventory::statuses(&policies);
     print_status(&st);
-    print_inventory(&st);
+    println!("\nInventory (the endpoints the sidecars saw, templated, with flags):\n");
+    super::inventory::print_table(&st);
     let blocked = rows
         .iter()
         .filter(|r| matches!(r.outcome, Outcome::Blocked(_)))
@@ -1215,6 +1161,10 @@ async fn demo(args: DemoArgs) -> Result<bool, String> {
         println!(
             "  curl -s http://{}/products    # catalog is Permissive: plaintext works",
             env.sidecars["catalog"]
+        );
+        println!(
+            "  apiward inventory --local {}   # what the sidecars saw",
+            policies.display()
         );
         for (s, a) in &env.admins {
             println!("  curl -s http://{a}/config_dump   # {s} sidecar");

@@ -10,6 +10,7 @@ mod check;
 #[cfg(feature = "demo")]
 mod demo;
 mod explain;
+mod inventory;
 mod local;
 pub mod scenario;
 
@@ -29,6 +30,8 @@ enum Command {
     Explain(explain::ExplainArgs),
     /// Print the ApiPolicy CustomResourceDefinition (YAML).
     Crds,
+    /// The endpoints the sidecars served, with shadow, zombie and unauthenticated flags.
+    Inventory(inventory::InventoryArgs),
     /// The control plane without a cluster (local CA and tokens).
     Local(local::LocalArgs),
     /// The whole product on this machine: a small shop, sidecars, attacks, a report.
@@ -78,6 +81,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Explain(args) => explain::run(&args),
         Command::Local(args) => local::run(args),
+        Command::Inventory(args) => inventory::run(&args),
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(args),
         Command::Crds => {
