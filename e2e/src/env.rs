@@ -46,6 +46,17 @@ pub trait Environment {
     fn start_control_plane(&mut self);
     /// Kills `workload`'s sidecar and starts a new one.
     fn restart_sidecar(&mut self, workload: WorkloadName);
+    /// `GET` every path from `from` to `to`, `concurrency` connections at once; the
+    /// statuses (0 for a failed request).
+    fn get_many(
+        &self,
+        from: WorkloadName,
+        to: WorkloadName,
+        paths: Vec<String>,
+        concurrency: usize,
+    ) -> Vec<u16>;
+    /// Resident memory of `workload`'s sidecar, KiB.
+    fn sidecar_rss_kib(&self, workload: WorkloadName) -> u64;
 }
 
 /// Waits for `cond`, checking every 50 ms, for at most `limit`; returns how long it took.
@@ -304,6 +315,59 @@ impl Environment for LocalLab {
         wait_for(Duration::from_secs(15), "the control plane's port", || {
             std::net::TcpStream::connect(addr).is_ok()
         });
+    }
+
+    fn get_many(
+        &self,
+        from: WorkloadName,
+        to: WorkloadName,
+        paths: Vec<String>,
+        concurrency: usize,
+    ) -> Vec<u16> {
+        let target = SocketAddr::from((self.pods[to].ip, APP_PORT));
+        let queue = std::sync::Arc::new(std::sync::Mutex::new(paths));
+        self.pods[from].block_on(async move {
+            let mut tasks = Vec::new();
+            for _ in 0..concurrency.max(1) {
+                let queue = queue.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    let mut conn: Option<crate::mesh::AppClient> = None;
+                    loop {
+                        let next = queue.lock().ok().and_then(|mut q| q.pop());
+                        let Some(path) = next else { return out };
+                        if conn.is_none() {
+                            conn = crate::mesh::AppClient::connect(target).await.ok();
+                        }
+                        let status = match conn.as_mut() {
+                            Some(c) => c.get(&path).await.map_or(0, |(s, _)| s),
+                            None => 0,
+                        };
+                        if status == 0 {
+                            conn = None; // reconnect after a failure
+                        }
+                        out.push(status);
+                    }
+                }));
+            }
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap_or_default());
+            }
+            all
+        })
+    }
+
+    fn sidecar_rss_kib(&self, w: WorkloadName) -> u64 {
+        let pid = self.sidecars[w];
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
     }
 
     fn restart_sidecar(&mut self, w: WorkloadName) {

@@ -193,3 +193,106 @@ fn audit_then_enforce_rollout() {
         "the allowed caller is unaffected"
     );
 }
+
+/// users declares `/a` and a deprecated `/old/{id}`; undeclared endpoints are audited
+/// (served, counted), so the inventory sees them.
+const INVENTORY_POLICY: &str = "apiVersion: apiward.io/v1alpha1
+kind: ApiPolicy
+metadata: {name: backend, namespace: shop}
+spec:
+  targetRef: {selector: {matchLabels: {app: users}}}
+  api:
+    endpoints:
+      - {method: GET, path: /a}
+      - {method: GET, path: \"/old/{id}\", deprecated: true, sunset: \"2099-01-01T00:00:00Z\"}
+    undeclared: Audit
+  rules:
+    - name: checkout-reads
+      from: [{serviceAccounts: [shop/checkout]}]
+      to: [{methods: [GET], paths: [\"/**\"]}]
+";
+
+#[test]
+fn the_inventory_shows_declared_shadow_and_zombie_endpoints_and_survives_a_spray() {
+    let mut env = lab("scenario-inventory");
+    env.apply_policy("backend", INVENTORY_POLICY);
+    wait_for(Duration::from_secs(20), "Programmed=True", || {
+        condition(&env, "Programmed").is_some_and(|(s, _)| s == "True")
+    });
+    let sent = Instant::now();
+    assert_eq!(env.get("checkout", "users", "/a"), 200);
+    assert_eq!(env.get("checkout", "users", "/old/7"), 200);
+    assert_eq!(
+        env.get("checkout", "users", "/internal/debug"),
+        200,
+        "Audit serves it"
+    );
+    let things: Vec<String> = (1..=20).map(|i| format!("/things/{i}")).collect();
+    assert!(
+        env.get_many("checkout", "users", things, 4)
+            .iter()
+            .all(|s| *s == 200)
+    );
+    let endpoint = |path: &str| {
+        env.status("backend")
+            .and_then(|s| s.inventory)
+            .and_then(|i| i.endpoints.into_iter().find(|e| e.path == path))
+    };
+    let took = wait_for(
+        Duration::from_secs(30),
+        "the inventory in the status",
+        || endpoint("/things/{id}").is_some_and(|e| e.requests == 20),
+    );
+    println!(
+        "inventory in the status {took:?} after the traffic (sent {:?} before)",
+        sent.elapsed()
+    );
+    let a = endpoint("/a").unwrap();
+    assert!(a.declared && !a.shadow && !a.zombie, "{a:?}");
+    let old = endpoint("/old/{id}").unwrap();
+    assert!(old.zombie, "a deprecated endpoint still called: {old:?}");
+    let debug = endpoint("/internal/debug").unwrap();
+    assert!(debug.shadow && !debug.declared, "{debug:?}");
+    assert!(endpoint("/things/{id}").unwrap().shadow);
+    assert!(
+        endpoint("/things/1").is_none(),
+        "/things/1, /things/2, … collapse"
+    );
+
+    // A scanner sprays 100,000 random paths: the sidecar's memory stays flat.
+    let before = env.sidecar_rss_kib("users");
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let spray: Vec<String> = (0..100_000)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            format!("/s{:x}/{:x}/{}", seed % 977, seed >> 40, seed % 13)
+        })
+        .collect();
+    let started = Instant::now();
+    let statuses = env.get_many("checkout", "users", spray, 16);
+    let after = env.sidecar_rss_kib("users");
+    println!(
+        "spray: {} requests in {:?}; sidecar RSS {before} → {after} KiB",
+        statuses.len(),
+        started.elapsed()
+    );
+    assert_eq!(statuses.len(), 100_000);
+    assert!(
+        statuses.iter().filter(|s| **s == 200).count() > 99_000,
+        "the spray was served (Audit)"
+    );
+    assert!(
+        after < before + 10 * 1024,
+        "RSS grew by more than 10 MiB: {before} → {after} KiB"
+    );
+    let summary = wait_for(Duration::from_secs(30), "the spray in the status", || {
+        env.status("backend")
+            .and_then(|s| s.inventory)
+            .is_some_and(|i| i.summary.endpoints > 4)
+    });
+    let inv = env.status("backend").and_then(|s| s.inventory).unwrap();
+    println!("inventory after the spray ({summary:?}): {:?}", inv.summary);
+    assert!(inv.endpoints.len() <= 100, "the status stays bounded");
+}
