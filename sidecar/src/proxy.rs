@@ -1165,6 +1165,14 @@ fn see(
     start: Instant,
 ) {
     use apiward_policy::report::AuthKind;
+    if !shared
+        .active
+        .load()
+        .as_ref()
+        .is_none_or(|a| a.settings.record_inventory)
+    {
+        return;
+    }
     let id = caller.identity(info);
     let auth = if id.api_key.is_some() {
         AuthKind::ApiKey

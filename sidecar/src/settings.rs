@@ -47,12 +47,20 @@ pub struct Settings {
     /// `onStoreError`.
     #[serde(default)]
     pub quota_store: Option<crate::quota_store::QuotaStoreSettings>,
+    /// Count served endpoints for the API inventory (reported to the operator). On by
+    /// default; off only saves the one short lock per request the counting takes.
+    #[serde(default = "default_true")]
+    pub record_inventory: bool,
     /// Fraction of allowed requests written to the decision log (denies are always logged).
     #[serde(default)]
     pub log_allowed_fraction: f64,
     /// The policy (standalone mode). Without one the sidecar refuses every request.
     #[serde(default)]
     pub policy: Option<SidecarConfig>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_identity_header() -> String {
