@@ -104,6 +104,12 @@ where
     start.elapsed()
 }
 
+/// The operator's identity and config server on a free loopback port.
+async fn operator(ca: Ca, tokens: LocalTokens) -> apiward_e2e::Operator {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    start_operator(ca, tokens, any, &["localhost"], Duration::from_secs(3600)).await
+}
+
 async fn status(url: &str) -> u16 {
     reqwest::get(url).await.map_or(0, |r| r.status().as_u16())
 }
@@ -120,14 +126,7 @@ async fn a_sidecar_follows_its_pushed_config_and_reports_back() {
     let ca_file = dir.join("trust-bundle.pem");
     std::fs::write(&ca_file, ca.trust_bundle_pem()).unwrap();
     let app = start_app().await;
-    let op = start_operator(
-        ca,
-        tokens,
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        &["localhost"],
-        Duration::from_secs(3600),
-    )
-    .await;
+    let op = operator(ca, tokens).await;
     let (_shared, bound) = apiward_sidecar::start(&settings(&dir, app, op.addr, &ca_file))
         .await
         .unwrap();
@@ -211,14 +210,7 @@ async fn a_sidecar_follows_its_pushed_config_and_reports_back() {
 async fn a_sidecar_can_read_only_its_own_pods_config() {
     let ca = Ca::generate("cluster.local", now()).unwrap();
     let tokens = LocalTokens::generate().unwrap();
-    let op = start_operator(
-        ca,
-        tokens,
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        &["localhost"],
-        Duration::from_secs(3600),
-    )
-    .await;
+    let op = operator(ca, tokens).await;
     publish(&op.hub, "v1", 8080, &["/a"]);
     let url = |pod: &str| format!("https://localhost:{}/v1/config?pod={pod}", op.addr.port());
     let orders = mesh_client(&op.ca, "orders");

@@ -284,18 +284,22 @@ impl LocalSources {
 }
 
 /// Keeps the hub and the status files current until the process ends: files are checked
-/// every 500 ms, and status is rewritten when a report arrives.
+/// every 500 ms, and status is recomputed only when the sources changed or a report arrived.
 pub async fn run(mut sources: LocalSources, hub: Arc<ConfigHub>) {
     let mut reported = hub.reported();
+    let mut dirty = true;
     loop {
         if sources.scan() {
             let n = sources.publish(&hub);
             tracing::info!(pods_changed = n, "local sources changed: configs published");
+            dirty = true;
         }
-        sources.write_statuses(&hub);
+        if std::mem::take(&mut dirty) {
+            sources.write_statuses(&hub);
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = reported.changed() => {}
+            r = reported.changed() => dirty = r.is_ok(),
         }
     }
 }

@@ -685,17 +685,19 @@ pub async fn handle(
         );
         record(shared, &decision, status.as_u16());
         let (method, path) = (req.method().as_str(), req.uri().path());
-        see(
-            shared,
-            port_no,
-            method,
-            path,
-            &decision,
-            status.as_u16(),
-            &caller,
-            info,
-            start,
-        );
+        if active.settings.record_inventory {
+            see(
+                shared,
+                port_no,
+                method,
+                path,
+                &decision,
+                status.as_u16(),
+                &caller,
+                info,
+                start,
+            );
+        }
         return r;
     }
     if decision.delay_ms > 0 {
@@ -735,17 +737,19 @@ pub async fn handle(
     .await;
     let status = resp.status().as_u16();
     record_status_rule(shared, label, reason, status, &decision);
-    see(
-        shared,
-        port_no,
-        method.as_str(),
-        &path,
-        &decision,
-        status,
-        &caller,
-        info,
-        start,
-    );
+    if active.settings.record_inventory {
+        see(
+            shared,
+            port_no,
+            method.as_str(),
+            &path,
+            &decision,
+            status,
+            &caller,
+            info,
+            start,
+        );
+    }
     log_decision(
         shared,
         &active,
@@ -1151,7 +1155,8 @@ fn rate_limit_headers(h: &mut HeaderMap, d: &Decision<'_>) {
     }
 }
 
-/// Counts the request in the inventory (see [`crate::inventory`]).
+/// Counts the request in the inventory (see [`crate::inventory`]); callers check
+/// `recordInventory`.
 #[allow(clippy::too_many_arguments)]
 fn see(
     shared: &Shared,
@@ -1165,14 +1170,6 @@ fn see(
     start: Instant,
 ) {
     use apiward_policy::report::AuthKind;
-    if !shared
-        .active
-        .load()
-        .as_ref()
-        .is_none_or(|a| a.settings.record_inventory)
-    {
-        return;
-    }
     let id = caller.identity(info);
     let auth = if id.api_key.is_some() {
         AuthKind::ApiKey

@@ -425,24 +425,7 @@ fn workload_key(ca: &Ca, dir: &Path, sa: &str) -> Result<Arc<rustls::sign::Certi
 
 async fn wait_ready(admin: SocketAddr, service: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ok = async {
-            let tcp = tokio::net::TcpStream::connect(admin).await.ok()?;
-            let (mut s, c) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
-                hyper_util::rt::TokioIo::new(tcp),
-            )
-            .await
-            .ok()?;
-            tokio::spawn(c);
-            let r = s
-                .send_request(Request::get("/ready").body(Full::default()).ok()?)
-                .await
-                .ok()?;
-            Some(r.status() == 200)
-        };
-        if ok.await == Some(true) {
-            return Ok(());
-        }
+    while admin_call(admin, "/ready").await.map(|(s, _)| s) != Some(200) {
         if Instant::now() > deadline {
             return Err(format!(
                 "the {service} sidecar did not become ready in 20 s"
@@ -450,25 +433,24 @@ async fn wait_ready(admin: SocketAddr, service: &str) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
 }
 
-async fn admin_get(admin: SocketAddr, path: &str) -> String {
-    let out = async {
-        let tcp = tokio::net::TcpStream::connect(admin).await.ok()?;
-        let (mut s, c) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .ok()?;
-        tokio::spawn(c);
-        let r = s
-            .send_request(Request::get(path).body(Full::default()).ok()?)
+/// `GET path` on a sidecar's admin port: status and body, or `None` if it did not answer.
+async fn admin_call(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let tcp = tokio::net::TcpStream::connect(admin).await.ok()?;
+    let (mut s, c) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
             .await
             .ok()?;
-        let b = r.into_body().collect().await.ok()?.to_bytes();
-        Some(String::from_utf8_lossy(&b).into_owned())
-    };
-    out.await.unwrap_or_default()
+    tokio::spawn(c);
+    let r = s
+        .send_request(Request::get(path).body(Full::default()).ok()?)
+        .await
+        .ok()?;
+    let status = r.status().as_u16();
+    let b = r.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&b).into_owned()))
 }
 
 /// Starts the control plane, the shop and its sidecars.
@@ -992,8 +974,10 @@ async fn burst(env: &Env, ingress: &Caller, key: &(&'static str, String)) -> Out
 
 /// Would-deny decisions counted by the catalog sidecar.
 async fn would_deny(env: &Env) -> f64 {
-    admin_get(env.admins["catalog"], "/metrics")
+    admin_call(env.admins["catalog"], "/metrics")
         .await
+        .map(|(_, body)| body)
+        .unwrap_or_default()
         .lines()
         .filter(|l| {
             l.starts_with("apiward_sidecar_requests_total{")
