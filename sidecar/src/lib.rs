@@ -23,6 +23,7 @@ pub mod control;
 pub mod identity;
 pub mod init;
 pub mod inventory;
+pub mod linger;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;

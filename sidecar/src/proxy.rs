@@ -298,7 +298,9 @@ async fn serve_http<IO>(
                 .max_buf_size(max_header.max(8192))
         };
     }
-    let io = TokioIo::new(io);
+    // Closing drains what the client still sends, so a refusal sent before its body was
+    // read reaches it instead of a reset.
+    let io = TokioIo::new(crate::linger::Lingering::new(io));
     let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match proto {
         Proto::Http1 => h1_limits!(hyper::server::conn::http1::Builder::new())
             .serve_connection(io, svc)

@@ -589,7 +589,7 @@ struct Row {
 
 fn status_text(a: &Answer) -> String {
     match (a.status, a.code()) {
-        (0, _) => "connection refused by mTLS (no client certificate)".into(),
+        (0, _) => format!("no HTTP answer ({})", a.body),
         (s, c) if c.is_empty() => format!("{s}"),
         (s, c) => format!("{s} {c}"),
     }
@@ -844,7 +844,10 @@ async fn attacks(env: &Env, callers: &BTreeMap<&'static str, Caller>) -> (Vec<Ro
     for (owasp, attack, r, codes) in refused {
         let a = r.send(env).await;
         let outcome = if codes.contains(&a.status) {
-            Outcome::Blocked(status_text(&a))
+            Outcome::Blocked(match a.status {
+                0 => "connection refused by mTLS (no client certificate)".into(),
+                _ => status_text(&a),
+            })
         } else {
             Outcome::Missed(status_text(&a))
         };
