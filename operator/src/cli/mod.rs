@@ -12,6 +12,7 @@ mod demo;
 mod explain;
 mod inventory;
 mod local;
+mod operator;
 pub mod scenario;
 
 /// apiward: API security in the mesh.
@@ -32,6 +33,8 @@ enum Command {
     Crds,
     /// The endpoints the sidecars served, with shadow, zombie and unauthenticated flags.
     Inventory(inventory::InventoryArgs),
+    /// The control plane on a cluster (in a pod, or out of cluster with KUBECONFIG).
+    Operator(Box<operator::OperatorArgs>),
     /// The control plane without a cluster (local CA and tokens).
     Local(local::LocalArgs),
     /// The whole product on this machine: a small shop, sidecars, attacks, a report.
@@ -81,6 +84,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Explain(args) => explain::run(&args),
         Command::Local(args) => local::run(args),
+        Command::Operator(args) => operator::run(&args),
         Command::Inventory(args) => inventory::run(&args),
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(args),

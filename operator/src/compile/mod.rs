@@ -914,6 +914,54 @@ impl Compiler {
         })
     }
 
+    /// Removes a Secret; recompiles the policies of its namespace that used it.
+    pub fn remove_secret(&mut self, namespace: &str, name: &str) -> Changed {
+        if self.secrets.remove(&key(namespace, name)).is_none() {
+            return Vec::new();
+        }
+        self.refs_changed(namespace, |p| references_secret(p, name))
+    }
+
+    /// Removes a ConfigMap; recompiles the policies of its namespace that used it.
+    pub fn remove_config_map(&mut self, namespace: &str, name: &str) -> Changed {
+        if self.config_maps.remove(&key(namespace, name)).is_none() {
+            return Vec::new();
+        }
+        self.refs_changed(namespace, |p| {
+            p.spec
+                .api
+                .as_ref()
+                .and_then(|a| a.openapi_ref.as_ref())
+                .is_some_and(|r| r.config_map_ref.name == name)
+        })
+    }
+
+    /// A policy the compiler holds (`namespace/name`).
+    pub fn policy(&self, key: &str) -> Option<&ApiPolicy> {
+        self.policies.get(key)
+    }
+
+    /// The policies of a namespace the compiler holds.
+    pub fn policies_in<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a ApiPolicy> {
+        self.policies_by_ns
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .filter_map(|pk| self.policies.get(pk))
+    }
+
+    /// Every pod's identity (namespace, name, ServiceAccount), for the config server.
+    pub fn workload_identities(&self) -> Vec<wire::Workload> {
+        self.workloads
+            .values()
+            .map(|w| wire::Workload {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                service_account: w.service_account.clone(),
+            })
+            .collect()
+    }
+
     fn refs_changed(&mut self, ns: &str, uses: impl Fn(&ApiPolicy) -> bool) -> Changed {
         let users: Vec<String> = self
             .policies_by_ns

@@ -100,22 +100,25 @@ impl ConfigHub {
         let mut seen = std::collections::HashSet::new();
         for w in workloads {
             let key = format!("{}/{}", w.namespace, w.name);
-            let snapshot = configs.get(&key).and_then(|c| {
-                let mut line = serde_json::to_vec(c).ok()?;
-                line.push(b'\n');
-                Some(Snapshot {
-                    version: c.version.clone(),
-                    line: line.into(),
-                })
-            });
+            let config = configs.get(&key);
             let pod = state.pods.entry(key.clone()).or_insert_with(|| Pod {
                 service_account: w.service_account.clone(),
                 tx: watch::Sender::new(None),
             });
             pod.service_account = w.service_account.clone();
-            let new_version = snapshot.as_ref().map(|s| s.version.clone());
-            let old_version = pod.tx.borrow().as_ref().map(|s| s.version.clone());
-            if new_version != old_version {
+            let new_version = config.map(|c| c.version.as_str());
+            let same = pod.tx.borrow().as_ref().map(|s| s.version.as_str()) == new_version;
+            if !same {
+                // Serialized only when the version changed: publishing stays cheap for
+                // the thousands of pods a change does not touch.
+                let snapshot = config.and_then(|c| {
+                    let mut line = serde_json::to_vec(c).ok()?;
+                    line.push(b'\n');
+                    Some(Snapshot {
+                        version: c.version.clone(),
+                        line: line.into(),
+                    })
+                });
                 pod.tx.send_replace(snapshot);
                 changed += 1;
             }
@@ -222,6 +225,15 @@ impl ConfigHub {
     /// Changes every time a report arrives.
     pub fn reported(&self) -> watch::Receiver<u64> {
         self.reported.subscribe()
+    }
+
+    /// How many config streams are open (sidecars connected).
+    pub fn connected(&self) -> usize {
+        self.state()
+            .pods
+            .values()
+            .map(|p| p.tx.receiver_count())
+            .sum()
     }
 
     /// The version published for a pod, if any.

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod identity;
+pub mod webhook;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -1,0 +1,243 @@
+//! The kube watches: `ApiPolicy`, `Pod`, `Secret` and `ConfigMap` in every namespace,
+//! turned into calls on the [`ClusterIndex`] (and nothing else). After each batch of
+//! events the compiler's output for the pods that changed is published into the
+//! [`ConfigHub`], which pushes it to their sidecars.
+//!
+//! A watch that fails is retried with kube's default backoff; after a restart the watch
+//! relists, and objects missing from the relist are deleted from the index. Referenced
+//! Secrets and ConfigMaps the index has not seen are fetched once; later changes arrive by
+//! the watch.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use apiward_crds::ApiPolicy;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+use super::metrics::OperatorMetrics;
+use crate::index::{Applied, ClusterIndex, RefKind};
+use crate::serve::config::ConfigHub;
+
+/// One event of one of the watches.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// An `ApiPolicy` watch event.
+    Policy(Box<Event<ApiPolicy>>),
+    /// A `Pod` watch event.
+    Pod(Box<Event<Pod>>),
+    /// A `Secret` watch event.
+    Secret(Box<Event<Secret>>),
+    /// A `ConfigMap` watch event.
+    ConfigMap(Box<Event<ConfigMap>>),
+}
+
+fn ns_name(m: &kube::api::ObjectMeta) -> (String, String) {
+    (
+        m.namespace.clone().unwrap_or_else(|| "default".into()),
+        m.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Applies one event to the index.
+pub fn apply(index: &mut ClusterIndex, ev: SourceEvent) -> Applied {
+    match ev {
+        SourceEvent::Policy(e) => match *e {
+            Event::Init => {
+                index.policies_relisting();
+                Applied::default()
+            }
+            Event::InitApply(p) | Event::Apply(p) => index.apply_policy(p),
+            Event::Delete(p) => {
+                let (ns, name) = ns_name(&p.metadata);
+                index.delete_policy(&ns, &name)
+            }
+            Event::InitDone => index.policies_listed(),
+        },
+        SourceEvent::Pod(e) => match *e {
+            Event::Init => {
+                index.pods_relisting();
+                Applied::default()
+            }
+            Event::InitApply(p) | Event::Apply(p) => index.apply_pod(&p),
+            Event::Delete(p) => {
+                let (ns, name) = ns_name(&p.metadata);
+                index.delete_pod(&ns, &name)
+            }
+            Event::InitDone => index.pods_listed(),
+        },
+        SourceEvent::Secret(e) => match *e {
+            Event::InitApply(s) | Event::Apply(s) => index.apply_secret(s),
+            Event::Delete(s) => {
+                let (ns, name) = ns_name(&s.metadata);
+                index.delete_secret(&ns, &name)
+            }
+            Event::Init | Event::InitDone => Applied::default(),
+        },
+        SourceEvent::ConfigMap(e) => match *e {
+            Event::InitApply(m) | Event::Apply(m) => index.apply_config_map(m),
+            Event::Delete(m) => {
+                let (ns, name) = ns_name(&m.metadata);
+                index.delete_config_map(&ns, &name)
+            }
+            Event::Init | Event::InitDone => Applied::default(),
+        },
+    }
+}
+
+/// The merged watch streams of a cluster.
+pub fn watches(client: &Client) -> futures::stream::BoxStream<'static, SourceEvent> {
+    let cfg = watcher::Config::default;
+    let policies = watcher(Api::<ApiPolicy>::all(client.clone()), cfg())
+        .default_backoff()
+        .filter_map(|e| async move {
+            log_err("ApiPolicy", e).map(|e| SourceEvent::Policy(Box::new(e)))
+        });
+    let pods = watcher(Api::<Pod>::all(client.clone()), cfg())
+        .default_backoff()
+        .filter_map(|e| async move { log_err("Pod", e).map(|e| SourceEvent::Pod(Box::new(e))) });
+    let secrets = watcher(Api::<Secret>::all(client.clone()), cfg())
+        .default_backoff()
+        .filter_map(
+            |e| async move { log_err("Secret", e).map(|e| SourceEvent::Secret(Box::new(e))) },
+        );
+    let maps = watcher(Api::<ConfigMap>::all(client.clone()), cfg())
+        .default_backoff()
+        .filter_map(|e| async move {
+            log_err("ConfigMap", e).map(|e| SourceEvent::ConfigMap(Box::new(e)))
+        });
+    futures::stream::select_all([
+        policies.boxed(),
+        pods.boxed(),
+        secrets.boxed(),
+        maps.boxed(),
+    ])
+    .boxed()
+}
+
+fn watcher<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+) -> impl futures::Stream<Item = watcher::Result<Event<K>>> + Send
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    watcher::watcher(api, cfg)
+}
+
+fn log_err<K>(kind: &str, e: watcher::Result<Event<K>>) -> Option<Event<K>> {
+    match e {
+        Ok(e) => Some(e),
+        Err(err) => {
+            tracing::warn!(kind, error = %err, "watch failed; retrying with backoff");
+            None
+        }
+    }
+}
+
+/// Most events applied before the changes are published.
+const BATCH: usize = 1024;
+
+/// Applies events until the stream ends: each batch (what is ready at once, up to
+/// [`BATCH`]) is applied, then published; `changed` ticks when a policy's status inputs
+/// changed.
+pub async fn run(
+    client: Client,
+    mut events: futures::stream::BoxStream<'static, SourceEvent>,
+    index: Arc<Mutex<ClusterIndex>>,
+    hub: Arc<ConfigHub>,
+    changed: watch::Sender<u64>,
+    metrics: Arc<OperatorMetrics>,
+) {
+    let mut asked: BTreeSet<(RefKind, String, String)> = BTreeSet::new();
+    let (mut policies_listed, mut pods_listed) = (false, false);
+    while let Some(first) = events.next().await {
+        let started = Instant::now();
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match events.next().now_or_never() {
+                Some(Some(e)) => batch.push(e),
+                _ => break,
+            }
+        }
+        let (pods, policies, missing) = {
+            let mut index = index
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut pods = 0;
+            let mut policies = false;
+            for ev in batch {
+                metrics.events.inc();
+                policies_listed |=
+                    matches!(&ev, SourceEvent::Policy(e) if matches!(**e, Event::InitDone));
+                pods_listed |= matches!(&ev, SourceEvent::Pod(e) if matches!(**e, Event::InitDone));
+                let a = apply(&mut index, ev);
+                pods += a.pods.len();
+                policies |= a.policies || !a.pods.is_empty();
+            }
+            let pushed = if pods > 0 || policies {
+                hub.publish(&index.workloads(), index.compiler().configs())
+            } else {
+                0
+            };
+            metrics.pushes.inc_by(pushed as u64);
+            (pushed, policies, index.missing_refs())
+        };
+        metrics
+            .compile_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if policies_listed && pods_listed {
+            metrics
+                .ready
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        if pods > 0 {
+            tracing::info!(pods_changed = pods, "configs published");
+        }
+        for r in missing {
+            if asked.insert(r.clone()) {
+                let found = fetch(&client, &r).await;
+                if found.is_err() {
+                    asked.remove(&r); // asked again after the next batch
+                }
+                if let Ok(Some(ev)) = found {
+                    let mut index = index
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if !apply(&mut index, ev).pods.is_empty() {
+                        hub.publish(&index.workloads(), index.compiler().configs());
+                    }
+                }
+            }
+        }
+        if policies {
+            changed.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+async fn fetch(
+    client: &Client,
+    (kind, ns, name): &(RefKind, String, String),
+) -> Result<Option<SourceEvent>, kube::Error> {
+    let got = match kind {
+        RefKind::Secret => Api::<Secret>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await
+            .map(|s| s.map(|s| SourceEvent::Secret(Box::new(Event::Apply(s))))),
+        RefKind::ConfigMap => Api::<ConfigMap>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await
+            .map(|m| m.map(|m| SourceEvent::ConfigMap(Box::new(Event::Apply(m))))),
+    };
+    if let Err(e) = &got {
+        tracing::warn!(?kind, namespace = %ns, name, error = %e, "cannot read a referenced object");
+    }
+    got
+}

@@ -1,0 +1,589 @@
+//! The sidecar injector: a mutating admission webhook on 9443 (TLS).
+//!
+//! In: `AdmissionReview` (`admission.k8s.io/v1`) for pod creation, sent by the API server
+//! for pods in namespaces labelled `apiward.io/inject=enabled` and pods labelled the same
+//! (the chart's `MutatingWebhookConfiguration` selects them). Out: a JSON patch that adds
+//! - the `apiward-init` init container (`apiward-sidecar init`: the iptables rules; the
+//!   only container with `NET_ADMIN`/`NET_RAW`, which it needs for them),
+//! - the `apiward-sidecar` native sidecar (an init container with `restartPolicy:
+//!   Always`): non-root UID 1337, no capabilities, read-only root filesystem, its settings
+//!   in `APIWARD_SIDECAR_SETTINGS`, resources from the chart,
+//! - the projected ServiceAccount token (audience `apiward`) and the trust bundle,
+//! - kubelet probes rewritten to the sidecar's admin port (`/app-health/...`), which asks
+//!   the app itself, so probes keep working under default deny,
+//! - the `apiward.io/status: injected` annotation.
+//!
+//! Never injects twice; honours `apiward.io/inject: disabled` (label or annotation);
+//! skips `kube-system` and the operator's own namespace whatever the selectors say; a pod
+//! it cannot patch is admitted unchanged (with a warning), never refused.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Container, Pod, Probe};
+use kube::Api;
+use kube::api::PostParams;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::cluster::metrics::{OperatorMetrics, WebhookLabels};
+use crate::identity::Ca;
+
+/// Marks an injected pod.
+pub const STATUS_ANNOTATION: &str = "apiward.io/status";
+/// `enabled` / `disabled`, as a pod label or annotation (`disabled` opts out).
+pub const INJECT: &str = "apiward.io/inject";
+/// The app port the sidecar fronts, when the pod has several (annotation).
+pub const PORT_ANNOTATION: &str = "apiward.io/port";
+/// The sidecar's UID (the iptables rules skip its traffic).
+pub const SIDECAR_UID: i64 = 1337;
+/// The sidecar container's name.
+pub const SIDECAR_NAME: &str = "apiward-sidecar";
+/// The init container's name.
+pub const INIT_NAME: &str = "apiward-init";
+
+/// What the injected containers look like (chart values).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarTemplate {
+    /// The sidecar image (also runs the init step).
+    pub image: String,
+    /// `IfNotPresent`, `Always`, `Never`.
+    #[serde(default = "default_pull")]
+    pub image_pull_policy: String,
+    /// Container resources (`requests`/`limits`), as Kubernetes spells them.
+    #[serde(default = "default_resources")]
+    pub resources: Value,
+    /// `APIWARD_LOG` filter.
+    #[serde(default = "default_log")]
+    pub log_level: String,
+    /// The operator's 15012 address, as sidecars reach it.
+    pub control_url: String,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+}
+
+fn default_pull() -> String {
+    "IfNotPresent".into()
+}
+fn default_log() -> String {
+    "info".into()
+}
+fn default_resources() -> Value {
+    json!({"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}})
+}
+
+/// The webhook server's settings.
+#[derive(Debug, Clone)]
+pub struct WebhookOptions {
+    /// Listen address (`0.0.0.0:9443`).
+    pub listen: SocketAddr,
+    /// The operator's namespace (never injected).
+    pub namespace: String,
+    /// The webhook's Service name (its DNS names go in the serving certificate).
+    pub service: String,
+    /// The `MutatingWebhookConfiguration` whose `caBundle` the leader keeps current;
+    /// `None` when cert-manager's CA injector does it.
+    pub configuration: Option<String>,
+    /// The injected containers.
+    pub sidecar: SidecarTemplate,
+}
+
+/// Why a pod is left alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// `apiward.io/inject: disabled`.
+    OptedOut,
+    /// Already has the sidecar.
+    AlreadyInjected,
+    /// `kube-system` or the operator's namespace.
+    ExcludedNamespace,
+    /// Host network: interception would capture the node's traffic.
+    HostNetwork,
+}
+
+fn flag<'a>(m: &'a Option<BTreeMap<String, String>>, k: &str) -> Option<&'a str> {
+    m.as_ref().and_then(|m| m.get(k)).map(String::as_str)
+}
+
+/// The app port the sidecar fronts: the annotation, else the first container port.
+fn app_port(pod: &Pod) -> Option<u16> {
+    if let Some(p) = flag(&pod.metadata.annotations, PORT_ANNOTATION) {
+        return p.parse().ok();
+    }
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .and_then(|p| u16::try_from(p.container_port).ok())
+}
+
+/// The sidecar's settings for a pod fronting `port`.
+fn settings(t: &SidecarTemplate, port: u16) -> Value {
+    json!({
+        "inbound": {"listen": "0.0.0.0:15006", "port": port},
+        "admin": {"listen": "0.0.0.0:15020"},
+        "identity": {
+            "url": t.control_url,
+            "tokenFile": "/var/run/secrets/apiward.io/token/token",
+            "caFile": "/var/run/secrets/apiward.io/trust/ca.crt",
+            "trustDomain": t.trust_domain,
+        },
+        "control": {},
+    })
+}
+
+/// Rewrites an httpGet/tcpSocket probe of an app container to the sidecar's admin port:
+/// `/app-health/<container>/<kind>`, with the original probe in the sidecar's env.
+fn rewrite_probe(probe: &mut Probe, container: &str, kind: &str, port: u16) -> Option<Value> {
+    let target = if let Some(h) = &probe.http_get {
+        let p = match &h.port {
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => *n,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(_) => i32::from(port),
+        };
+        json!({"http": {"port": p, "path": h.path.clone().unwrap_or_else(|| "/".into()),
+                        "scheme": h.scheme.clone().unwrap_or_else(|| "HTTP".into())}})
+    } else if let Some(t) = &probe.tcp_socket {
+        let p = match &t.port {
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => *n,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(_) => i32::from(port),
+        };
+        json!({"tcp": {"port": p}})
+    } else {
+        return None; // exec and grpc probes do not cross the network stack of the pod
+    };
+    probe.tcp_socket = None;
+    probe.http_get = Some(k8s_openapi::api::core::v1::HTTPGetAction {
+        path: Some(format!("/app-health/{container}/{kind}")),
+        port: k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15020),
+        scheme: Some("HTTP".into()),
+        ..Default::default()
+    });
+    Some(target)
+}
+
+/// Decides one pod: the JSON patch that injects it, or why not.
+pub fn inject(
+    pod: &Pod,
+    namespace: &str,
+    operator_namespace: &str,
+    t: &SidecarTemplate,
+) -> Result<Value, Skip> {
+    if namespace == "kube-system" || namespace == operator_namespace {
+        return Err(Skip::ExcludedNamespace);
+    }
+    if flag(&pod.metadata.labels, INJECT) == Some("disabled")
+        || flag(&pod.metadata.annotations, INJECT) == Some("disabled")
+    {
+        return Err(Skip::OptedOut);
+    }
+    let spec = pod.spec.clone().unwrap_or_default();
+    let injected = flag(&pod.metadata.annotations, STATUS_ANNOTATION) == Some("injected")
+        || spec
+            .init_containers
+            .iter()
+            .flatten()
+            .any(|c| c.name == SIDECAR_NAME || c.name == INIT_NAME);
+    if injected {
+        return Err(Skip::AlreadyInjected);
+    }
+    if spec.host_network == Some(true) {
+        return Err(Skip::HostNetwork);
+    }
+    let port = app_port(pod).unwrap_or(8080);
+    let mut ops = Vec::new();
+
+    // Probes: to the sidecar's admin port, which asks the app.
+    let mut probes = BTreeMap::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        let mut c: Container = c.clone();
+        let mut changed = false;
+        for (kind, probe) in [
+            ("livez", c.liveness_probe.as_mut()),
+            ("readyz", c.readiness_probe.as_mut()),
+            ("startupz", c.startup_probe.as_mut()),
+        ] {
+            if let Some(p) = probe
+                && let Some(target) = rewrite_probe(p, &c.name, kind, port)
+            {
+                probes.insert(format!("/app-health/{}/{kind}", c.name), target);
+                changed = true;
+            }
+        }
+        if changed {
+            ops.push(json!({"op": "replace", "path": format!("/spec/containers/{i}"), "value": c}));
+        }
+    }
+
+    let init = json!({
+        "name": INIT_NAME,
+        "image": t.image,
+        "imagePullPolicy": t.image_pull_policy,
+        "args": ["init", "--inbound-ports", port.to_string(), "--proxy-uid", SIDECAR_UID.to_string(),
+                 "--exclude-outbound-cidrs", "0.0.0.0/0"],
+        "securityContext": {
+            "runAsUser": 0, "runAsNonRoot": false, "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+        },
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}},
+    });
+    let sidecar = json!({
+        "name": SIDECAR_NAME,
+        "image": t.image,
+        "imagePullPolicy": t.image_pull_policy,
+        "restartPolicy": "Always",
+        "args": ["run"],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "APIWARD_LOG", "value": t.log_level},
+            {"name": "APIWARD_SIDECAR_SETTINGS", "value": settings(t, port).to_string()},
+            {"name": "APIWARD_APP_PROBES", "value": Value::Object(probes.into_iter().collect()).to_string()},
+        ],
+        "ports": [
+            {"name": "apiward-in", "containerPort": 15006},
+            {"name": "apiward-admin", "containerPort": 15020},
+        ],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": 15020}, "periodSeconds": 2},
+        "livenessProbe": {"httpGet": {"path": "/live", "port": 15020}, "periodSeconds": 10},
+        "startupProbe": {"httpGet": {"path": "/live", "port": 15020}, "periodSeconds": 1, "failureThreshold": 60},
+        "resources": t.resources,
+        "securityContext": {
+            "runAsUser": SIDECAR_UID, "runAsGroup": SIDECAR_UID, "runAsNonRoot": true,
+            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "apiward-token", "mountPath": "/var/run/secrets/apiward.io/token", "readOnly": true},
+            {"name": "apiward-trust", "mountPath": "/var/run/secrets/apiward.io/trust", "readOnly": true},
+            {"name": "apiward-tmp", "mountPath": "/tmp"},
+        ],
+    });
+    // The init step first, then the sidecar, then the pod's own init containers (which
+    // then run with the interception and the sidecar in place).
+    match &spec.init_containers {
+        Some(list) if !list.is_empty() => {
+            ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": sidecar}));
+            ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": init}));
+        }
+        _ => {
+            ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [init, sidecar]}))
+        }
+    }
+    let volumes = [
+        json!({"name": "apiward-token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": crate::identity::AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}}),
+        json!({"name": "apiward-trust", "configMap": {"name": crate::identity::kube::TRUST_BUNDLE_CONFIGMAP}}),
+        json!({"name": "apiward-tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "8Mi"}}),
+    ];
+    if spec.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
+        for v in volumes {
+            ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": v}));
+        }
+    } else {
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
+    }
+    if pod.metadata.annotations.is_some() {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations/apiward.io~1status", "value": "injected"}));
+    } else {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {STATUS_ANNOTATION: "injected"}}));
+    }
+    Ok(Value::Array(ops))
+}
+
+/// Answers one AdmissionReview (JSON in, JSON out).
+pub fn review(body: &[u8], opts: &WebhookOptions) -> (Value, &'static str) {
+    let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                json!({"error": format!("not an AdmissionReview: {e}")}),
+                "error",
+            );
+        }
+    };
+    let req: AdmissionRequest<Pod> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                json!({"error": format!("no request in the review: {e}")}),
+                "error",
+            );
+        }
+    };
+    let mut resp = AdmissionResponse::from(&req);
+    let namespace = req.namespace.clone().unwrap_or_default();
+    let result = match &req.object {
+        Some(pod) => match inject(pod, &namespace, &opts.namespace, &opts.sidecar) {
+            Ok(patch) => match serde_json::from_value::<json_patch::Patch>(patch) {
+                Ok(p) => match resp.clone().with_patch(p) {
+                    Ok(r) => {
+                        resp = r;
+                        "injected"
+                    }
+                    Err(_) => "error",
+                },
+                Err(_) => "error",
+            },
+            Err(_) => "skipped",
+        },
+        None => "skipped",
+    };
+    if result == "error" {
+        resp.warnings = Some(vec![
+            "apiward could not build the injection patch; the pod is admitted without a sidecar"
+                .into(),
+        ]);
+    }
+    let mut out = serde_json::to_value(resp.into_review()).unwrap_or(Value::Null);
+    // kube-core serializes the patch bytes as an array of numbers; the API server's
+    // canonical form of `[]byte` is base64.
+    if let Some(bytes) = out["response"]["patch"].as_array() {
+        use base64::Engine as _;
+        let raw: Vec<u8> = bytes
+            .iter()
+            .filter_map(|b| b.as_u64().map(|b| b as u8))
+            .collect();
+        out["response"]["patch"] = base64::engine::general_purpose::STANDARD.encode(raw).into();
+    }
+    (out, result)
+}
+
+/// A certificate resolver whose key can be swapped (webhook certificate rotation).
+#[derive(Debug)]
+struct Rotating(RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl rustls::server::ResolvesServerCert for Rotating {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+/// Webhook serving certificates last this long, and are renewed at two thirds of it.
+const CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn certified(ca: &Ca, names: &[String]) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let (chain, key) = ca
+        .server_certificate(names, CERT_LIFETIME, now_unix())
+        .map_err(|e| e.to_string())?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| e.to_string())?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(certs, signing)))
+}
+
+/// The webhook's TLS config, with a certificate signed by the mesh CA for the Service's
+/// names, renewed in the background.
+pub fn tls(ca: Arc<Ca>, names: Vec<String>) -> Result<Arc<rustls::ServerConfig>, String> {
+    let resolver = Arc::new(Rotating(RwLock::new(certified(&ca, &names)?)));
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CERT_LIFETIME * 2 / 3).await;
+                match certified(&ca, &names) {
+                    Ok(k) => {
+                        *resolver
+                            .0
+                            .write()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = k;
+                        tracing::info!("webhook serving certificate renewed");
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot renew the webhook certificate"),
+                }
+            }
+        });
+    }
+    Ok(Arc::new(cfg))
+}
+
+/// Largest AdmissionReview accepted.
+const MAX_REVIEW: usize = 3 << 20;
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    opts: &WebhookOptions,
+    metrics: &OperatorMetrics,
+) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    if req.method() != http::Method::POST || req.uri().path() != "/inject" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": "POST /inject"}).to_string(),
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_REVIEW).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": "review too large"}).to_string(),
+            );
+        }
+    };
+    let (answer, result) = review(&body, opts);
+    metrics
+        .webhook
+        .get_or_create(&WebhookLabels { result })
+        .inc();
+    if answer.get("error").is_some() {
+        return reply(StatusCode::BAD_REQUEST, answer.to_string());
+    }
+    reply(StatusCode::OK, answer.to_string())
+}
+
+/// Serves the webhook on a bound listener.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    opts: Arc<WebhookOptions>,
+    metrics: Arc<OperatorMetrics>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (acceptor, opts, metrics) = (acceptor.clone(), opts.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let (opts, metrics) = (opts.clone(), metrics.clone());
+                async move { Ok::<_, std::convert::Infallible>(handle(req, &opts, &metrics).await) }
+            });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+        });
+    }
+}
+
+/// The webhook's DNS names.
+pub fn names(service: &str, namespace: &str) -> Vec<String> {
+    vec![
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+    ]
+}
+
+/// Starts the webhook server and, when it manages the configuration, the `caBundle` loop.
+pub async fn start(
+    client: kube::Client,
+    opts: WebhookOptions,
+    ca: Arc<Ca>,
+    metrics: Arc<OperatorMetrics>,
+    leader: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let tls = tls(ca.clone(), names(&opts.service, &opts.namespace))?;
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    tracing::info!(listen = %opts.listen, "injection webhook serving");
+    if let Some(name) = opts.configuration.clone() {
+        let bundle = ca.trust_bundle_pem().to_owned();
+        tokio::spawn(keep_ca_bundle(client, name, bundle, leader));
+    }
+    tokio::spawn(serve(listener, tls, Arc::new(opts), metrics));
+    Ok(())
+}
+
+/// Sets `caBundle` on every webhook of the configuration to `bundle_pem`. Returns whether
+/// it had to change anything.
+pub async fn ensure_ca_bundle(
+    api: &Api<MutatingWebhookConfiguration>,
+    name: &str,
+    bundle_pem: &str,
+) -> Result<bool, kube::Error> {
+    let mut cfg = api.get(name).await?;
+    let want = k8s_openapi::ByteString(bundle_pem.as_bytes().to_vec());
+    let mut changed = false;
+    for w in cfg.webhooks.iter_mut().flatten() {
+        if w.client_config.ca_bundle.as_ref() != Some(&want) {
+            w.client_config.ca_bundle = Some(want.clone());
+            changed = true;
+        }
+    }
+    if changed {
+        api.replace(name, &PostParams::default(), &cfg).await?;
+    }
+    Ok(changed)
+}
+
+async fn keep_ca_bundle(
+    client: kube::Client,
+    name: String,
+    bundle: String,
+    mut leader: watch::Receiver<bool>,
+) {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client);
+    loop {
+        if *leader.borrow_and_update() {
+            match ensure_ca_bundle(&api, &name, &bundle).await {
+                Ok(true) => tracing::info!(configuration = name, "webhook caBundle updated"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(configuration = name, error = %e, "cannot update the webhook caBundle")
+                }
+            }
+        }
+        tokio::select! {
+            _ = leader.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,311 @@
+//! The injection webhook over real HTTPS (its certificate signed by the mesh CA, verified
+//! by the client as the API server would with `caBundle`), with AdmissionReview JSON.
+
+use super::*;
+
+const NS: &str = "apiward-system";
+
+fn template() -> SidecarTemplate {
+    serde_json::from_value(json!({
+        "image": "ghcr.io/apiward/apiward-sidecar:test",
+        "controlUrl": "https://apiward.apiward-system.svc:15012",
+        "trustDomain": "cluster.local",
+    }))
+    .unwrap()
+}
+
+fn app_pod() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "orders-7d9f-", "namespace": "shop", "labels": {"app": "orders"}},
+        "spec": {
+            "serviceAccountName": "orders",
+            "containers": [{
+                "name": "app", "image": "shop/orders:1",
+                "ports": [{"containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}},
+                "livenessProbe": {"tcpSocket": {"port": 8080}},
+            }],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        }
+    })
+}
+
+fn review_of(pod: &Value, namespace: &str) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace, "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod, "oldObject": null, "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        }
+    })
+}
+
+struct Server {
+    client: reqwest::Client,
+    url: String,
+    metrics: Arc<OperatorMetrics>,
+}
+
+async fn server() -> Server {
+    let ca = Arc::new(Ca::generate("cluster.local", now_unix()).unwrap());
+    let names = names("apiward-webhook", NS);
+    let tls = tls(ca.clone(), names.clone()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let metrics = Arc::new(OperatorMetrics::default());
+    let opts = WebhookOptions {
+        listen: addr,
+        namespace: NS.into(),
+        service: "apiward-webhook".into(),
+        configuration: None,
+        sidecar: template(),
+    };
+    tokio::spawn(serve(listener, tls, Arc::new(opts), metrics.clone()));
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(ca.trust_bundle_pem().as_bytes()).unwrap(),
+        )
+        .resolve(&names[0], addr)
+        .build()
+        .unwrap();
+    Server {
+        client,
+        url: format!("https://{}:{}/inject", names[0], addr.port()),
+        metrics,
+    }
+}
+
+impl Server {
+    /// Sends a review; returns the response and the pod after its patch (if any).
+    async fn review(&self, pod: &Value, namespace: &str) -> (Value, Option<Value>) {
+        let resp = self
+            .client
+            .post(&self.url)
+            .json(&review_of(pod, namespace))
+            .send()
+            .await
+            .expect("HTTPS to the webhook, its certificate verified against the CA");
+        assert_eq!(resp.status(), 200);
+        let answer: Value = resp.json().await.unwrap();
+        let r = &answer["response"];
+        assert_eq!(r["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+        assert_eq!(r["allowed"], true, "the webhook never refuses a pod");
+        let patched = r["patch"].as_str().map(|p| {
+            use base64::Engine as _;
+            assert_eq!(r["patchType"], "JSONPatch");
+            let ops: json_patch::Patch = serde_json::from_slice(
+                &base64::engine::general_purpose::STANDARD.decode(p).unwrap(),
+            )
+            .unwrap();
+            let mut doc = pod.clone();
+            json_patch::patch(&mut doc, &ops).expect("the patch applies to the pod");
+            doc
+        });
+        (answer, patched)
+    }
+}
+
+fn strict_pod(v: &Value) -> Pod {
+    // Unknown fields refused: a typo in the patch would otherwise be dropped silently.
+    let mut unknown = Vec::new();
+    let pod: Pod =
+        serde_ignored::deserialize(v.clone(), |path| unknown.push(path.to_string())).unwrap();
+    assert!(
+        unknown.is_empty(),
+        "fields k8s-openapi does not know: {unknown:?}"
+    );
+    pod
+}
+
+#[tokio::test]
+async fn a_pod_gets_the_init_step_the_native_sidecar_and_its_volumes() {
+    let s = server().await;
+    let (_, patched) = s.review(&app_pod(), "shop").await;
+    let pod = strict_pod(&patched.expect("a patch"));
+    let spec = pod.spec.unwrap();
+    let init = spec.init_containers.unwrap();
+    assert_eq!(
+        init.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        [INIT_NAME, SIDECAR_NAME]
+    );
+
+    // The init step: the only container with network capabilities.
+    let caps = init[0]
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        caps.add.as_deref(),
+        Some(&["NET_ADMIN".to_string(), "NET_RAW".to_string()][..])
+    );
+    assert!(
+        init[0]
+            .args
+            .as_ref()
+            .unwrap()
+            .join(" ")
+            .contains("--inbound-ports 8080")
+    );
+
+    // The sidecar: native (restartPolicy Always), locked down.
+    let sc = &init[1];
+    assert_eq!(sc.restart_policy.as_deref(), Some("Always"));
+    let sec = sc.security_context.as_ref().unwrap();
+    assert_eq!(sec.run_as_user, Some(SIDECAR_UID));
+    assert_eq!(sec.run_as_non_root, Some(true));
+    assert_eq!(sec.read_only_root_filesystem, Some(true));
+    assert_eq!(sec.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        sec.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_string()][..])
+    );
+    assert!(sec.capabilities.as_ref().unwrap().add.is_none());
+    assert!(
+        sc.resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap()
+            .contains_key("memory")
+    );
+    let env: BTreeMap<String, String> = sc
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+        .collect();
+    let settings: Value = serde_json::from_str(&env["APIWARD_SIDECAR_SETTINGS"]).unwrap();
+    assert_eq!(settings["inbound"]["port"], 8080);
+    assert_eq!(
+        settings["identity"]["url"],
+        "https://apiward.apiward-system.svc:15012"
+    );
+
+    // The projected token has the apiward audience; the trust bundle is mounted.
+    let volumes = spec.volumes.unwrap();
+    assert_eq!(volumes[0].name, "data", "the pod's own volumes stay");
+    let token = volumes.iter().find(|v| v.name == "apiward-token").unwrap();
+    let projected = token.projected.as_ref().unwrap().sources.as_ref().unwrap();
+    assert_eq!(
+        projected[0]
+            .service_account_token
+            .as_ref()
+            .unwrap()
+            .audience
+            .as_deref(),
+        Some("apiward")
+    );
+    assert!(volumes.iter().any(|v| {
+        v.config_map
+            .as_ref()
+            .is_some_and(|c| c.name == "apiward-trust-bundle")
+    }));
+
+    // Probes go to the sidecar's admin port, which asks the app.
+    let app = &spec.containers[0];
+    let ready = app
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(ready.path.as_deref(), Some("/app-health/app/readyz"));
+    assert_eq!(
+        ready.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15020)
+    );
+    assert!(app.liveness_probe.as_ref().unwrap().tcp_socket.is_none());
+    let probes: Value = serde_json::from_str(&env["APIWARD_APP_PROBES"]).unwrap();
+    assert_eq!(
+        probes["/app-health/app/readyz"],
+        json!({"http": {"port": 8080, "path": "/healthz", "scheme": "HTTP"}})
+    );
+    assert_eq!(
+        probes["/app-health/app/livez"],
+        json!({"tcp": {"port": 8080}})
+    );
+
+    assert_eq!(
+        pod.metadata.annotations.unwrap()[STATUS_ANNOTATION],
+        "injected"
+    );
+    assert_eq!(
+        s.metrics
+            .webhook
+            .get_or_create(&WebhookLabels { result: "injected" })
+            .get(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn injection_is_idempotent_honours_opt_out_and_skips_excluded_namespaces() {
+    let s = server().await;
+    let (_, once) = s.review(&app_pod(), "shop").await;
+    let (_, twice) = s.review(&once.unwrap(), "shop").await;
+    assert!(twice.is_none(), "an injected pod is never injected again");
+
+    let mut opted_out = app_pod();
+    opted_out["metadata"]["annotations"] = json!({"apiward.io/inject": "disabled"});
+    assert!(s.review(&opted_out, "shop").await.1.is_none());
+
+    for ns in ["kube-system", NS] {
+        assert!(
+            s.review(&app_pod(), ns).await.1.is_none(),
+            "{ns} is never injected"
+        );
+    }
+    assert_eq!(
+        s.metrics
+            .webhook
+            .get_or_create(&WebhookLabels { result: "skipped" })
+            .get(),
+        4
+    );
+}
+
+#[tokio::test]
+async fn a_pod_with_init_containers_and_no_volumes_gets_ours_first() {
+    let s = server().await;
+    let mut pod = app_pod();
+    pod["spec"]["initContainers"] = json!([{"name": "migrate", "image": "shop/migrate:1"}]);
+    pod["spec"].as_object_mut().unwrap().remove("volumes");
+    let (_, patched) = s.review(&pod, "shop").await;
+    let spec = strict_pod(&patched.unwrap()).spec.unwrap();
+    let names: Vec<String> = spec
+        .init_containers
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, [INIT_NAME, SIDECAR_NAME, "migrate"]);
+    assert_eq!(spec.volumes.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn garbage_is_a_400_not_a_crash() {
+    let s = server().await;
+    let resp = s
+        .client
+        .post(&s.url)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = s.client.get(&s.url).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+}
