@@ -21,9 +21,14 @@ pub async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(req, &shared)) }
+                async move {
+                    if req.uri().path().starts_with("/app-health/") {
+                        return Ok::<_, Infallible>(app_health(req.uri().path(), &shared).await);
+                    }
+                    Ok::<_, Infallible>(route(req, &shared))
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -40,6 +45,68 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
         header::HeaderValue::from_static(content_type),
     );
     r
+}
+
+/// Asks the app for one of its kubelet probes (`appProbes` in the settings).
+async fn app_health(path: &str, shared: &Shared) -> Response<ProxyBody> {
+    use crate::settings::AppProbe;
+    let probe = shared
+        .active
+        .load()
+        .as_deref()
+        .and_then(|a| a.settings.app_probes.get(path).cloned());
+    let Some(probe) = probe else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no such probe\n".into(),
+        );
+    };
+    let timeout = std::time::Duration::from_secs(1);
+    let ok = match probe {
+        AppProbe::Tcp { port } => {
+            tokio::time::timeout(timeout, tokio::net::TcpStream::connect(("127.0.0.1", port)))
+                .await
+                .is_ok_and(|c| c.is_ok())
+        }
+        AppProbe::Http { port, scheme, .. } if scheme.eq_ignore_ascii_case("https") => {
+            tokio::time::timeout(timeout, tokio::net::TcpStream::connect(("127.0.0.1", port)))
+                .await
+                .is_ok_and(|c| c.is_ok())
+        }
+        AppProbe::Http { port, path, .. } => {
+            let ask = async {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()?;
+                let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .ok()?;
+                tokio::spawn(conn);
+                let req = Request::get(path.as_str())
+                    .header(header::HOST, format!("127.0.0.1:{port}"))
+                    .header(header::USER_AGENT, "kube-probe (via apiward-sidecar)")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .ok()?;
+                let resp = send.send_request(req).await.ok()?;
+                Some(resp.status().is_success() || resp.status().is_redirection())
+            };
+            tokio::time::timeout(timeout, ask)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+        }
+    };
+    if ok {
+        text(StatusCode::OK, "text/plain", "ok\n".into())
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "the app's probe failed\n".into(),
+        )
+    }
 }
 
 fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {

@@ -19,8 +19,21 @@ enum Command {
     /// Serve: the inbound proxy and the admin endpoints.
     Run {
         /// Settings file (YAML or JSON) with the policy (standalone mode).
-        #[arg(long, env = "APIWARD_SIDECAR_CONFIG")]
-        config: PathBuf,
+        #[arg(
+            long,
+            env = "APIWARD_SIDECAR_CONFIG",
+            required_unless_present = "settings"
+        )]
+        config: Option<PathBuf>,
+        /// The settings themselves (JSON), as the injector passes them; written to
+        /// `$TMPDIR/apiward-sidecar.json` (an in-memory emptyDir in a pod) and read from there.
+        #[arg(
+            long,
+            env = "APIWARD_SIDECAR_SETTINGS",
+            conflicts_with = "config",
+            hide_env_values = true
+        )]
+        settings: Option<String>,
         /// Worker threads (default: the CPUs this process may run on).
         #[arg(long, env = "APIWARD_SIDECAR_THREADS")]
         threads: Option<usize>,
@@ -76,10 +89,25 @@ fn main() -> ExitCode {
     let (config, threads, log_format, log) = match Cli::parse().command {
         Command::Run {
             config,
+            settings,
             threads,
             log_format,
             log,
-        } => (config, threads, log_format, log),
+        } => {
+            let config = match (config, settings) {
+                (Some(c), _) => c,
+                (None, Some(text)) => {
+                    let path = std::env::temp_dir().join("apiward-sidecar.json");
+                    if let Err(e) = std::fs::write(&path, text) {
+                        eprintln!("apiward-sidecar: cannot write {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                    path
+                }
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            (config, threads, log_format, log)
+        }
         Command::Init {
             dry_run,
             remove,

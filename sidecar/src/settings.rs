@@ -43,6 +43,11 @@ pub struct Settings {
     /// Get the policy from the operator instead of `policy` (needs `identity`).
     #[serde(default)]
     pub control: Option<crate::control::ControlSettings>,
+    /// The app's kubelet probes, which the injector points at the admin port:
+    /// `/app-health/<container>/<kind>` → how to ask the app (the sidecar's own traffic to
+    /// the app is not intercepted, so probes work under default deny).
+    #[serde(default)]
+    pub app_probes: std::collections::BTreeMap<String, AppProbe>,
     /// Where Global quotas are counted (Redis). Without it, Global quotas follow their
     /// `onStoreError`.
     #[serde(default)]
@@ -330,4 +335,35 @@ impl Settings {
             )?,
         })
     }
+}
+
+/// How the admin port asks the app for one probe.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum AppProbe {
+    /// An HTTP GET on the app's port; 2xx and 3xx are healthy. `HTTPS` is checked as a
+    /// TCP connect (kubelet does not verify the app's certificate either).
+    Http {
+        /// The app's port.
+        port: u16,
+        /// Path and query.
+        #[serde(default = "default_probe_path")]
+        path: String,
+        /// `HTTP` or `HTTPS`.
+        #[serde(default = "default_probe_scheme")]
+        scheme: String,
+    },
+    /// A TCP connect to the app's port.
+    Tcp {
+        /// The app's port.
+        port: u16,
+    },
+}
+
+fn default_probe_path() -> String {
+    "/".into()
+}
+
+fn default_probe_scheme() -> String {
+    "HTTP".into()
 }

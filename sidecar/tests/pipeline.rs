@@ -1114,3 +1114,52 @@ async fn requests_beyond_the_upstream_connection_limit_wait_instead_of_failing()
     }
     assert!(most <= 2, "the app saw {most} requests at once (limit 2)");
 }
+
+/// The injector points kubelet probes at the admin port; the sidecar asks the app itself,
+/// so probes work while every request through the inbound port is refused.
+#[tokio::test]
+async fn kubelet_probes_reach_the_app_through_the_admin_port_under_default_deny() {
+    let dir = tempdir("probes");
+    let pki = Pki::new(&dir);
+    let (app, hits) = start_app().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let settings = dir.join("s.json");
+    let s = json!({
+        "inbound": {"listen": "127.0.0.1:0", "port": app.port(), "upstream": app.to_string()},
+        "admin": {"listen": "127.0.0.1:0"},
+        "tls": {"certFile": dir.join("server.crt"), "keyFile": dir.join("server.key"), "clientCaFile": dir.join("ca.crt")},
+        "appProbes": {
+            "/app-health/app/readyz": {"http": {"port": app.port(), "path": "/healthz"}},
+            "/app-health/app/livez": {"tcp": {"port": app.port()}},
+            "/app-health/app/startupz": {"tcp": {"port": closed_port}},
+        },
+    });
+    std::fs::write(&settings, s.to_string()).unwrap();
+    let (_shared, bound) = apiward_sidecar::start(&settings).await.unwrap();
+    let c = client(&pki, Some(&pki.client("shop", "checkout")), false);
+    let r = c
+        .get(format!(
+            "https://localhost:{}/healthz",
+            bound.inbound.port()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "no policy: the inbound port refuses");
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    let status = |p: &'static str| {
+        let url = format!("http://{}{p}", bound.admin);
+        async move { reqwest::get(url).await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status("/app-health/app/readyz").await, 200);
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "the probe reached the app");
+    assert_eq!(status("/app-health/app/livez").await, 200);
+    assert_eq!(
+        status("/app-health/app/startupz").await,
+        503,
+        "a closed port fails"
+    );
+    assert_eq!(status("/app-health/other/readyz").await, 404);
+}

@@ -7,7 +7,8 @@
 //!   only container with `NET_ADMIN`/`NET_RAW`, which it needs for them),
 //! - the `apiward-sidecar` native sidecar (an init container with `restartPolicy:
 //!   Always`): non-root UID 1337, no capabilities, read-only root filesystem, its settings
-//!   in `APIWARD_SIDECAR_SETTINGS`, resources from the chart,
+//!   in `APIWARD_SIDECAR_SETTINGS` (`/tmp` is an in-memory emptyDir), resources from the
+//!   chart,
 //! - the projected ServiceAccount token (audience `apiward`) and the trust bundle,
 //! - kubelet probes rewritten to the sidecar's admin port (`/app-health/...`), which asks
 //!   the app itself, so probes keep working under default deny,
@@ -127,9 +128,10 @@ fn app_port(pod: &Pod) -> Option<u16> {
         .and_then(|p| u16::try_from(p.container_port).ok())
 }
 
-/// The sidecar's settings for a pod fronting `port`.
-fn settings(t: &SidecarTemplate, port: u16) -> Value {
+/// The sidecar's settings for a pod fronting `port`, with the app's rewritten probes.
+fn settings(t: &SidecarTemplate, port: u16, probes: BTreeMap<String, Value>) -> Value {
     json!({
+        "appProbes": probes,
         "inbound": {"listen": "0.0.0.0:15006", "port": port},
         "admin": {"listen": "0.0.0.0:15020"},
         "identity": {
@@ -247,8 +249,7 @@ pub fn inject(
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": "APIWARD_LOG", "value": t.log_level},
-            {"name": "APIWARD_SIDECAR_SETTINGS", "value": settings(t, port).to_string()},
-            {"name": "APIWARD_APP_PROBES", "value": Value::Object(probes.into_iter().collect()).to_string()},
+            {"name": "APIWARD_SIDECAR_SETTINGS", "value": settings(t, port, probes).to_string()},
         ],
         "ports": [
             {"name": "apiward-in", "containerPort": 15006},

@@ -228,7 +228,7 @@ async fn a_pod_gets_the_init_step_the_native_sidecar_and_its_volumes() {
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15020)
     );
     assert!(app.liveness_probe.as_ref().unwrap().tcp_socket.is_none());
-    let probes: Value = serde_json::from_str(&env["APIWARD_APP_PROBES"]).unwrap();
+    let probes = &settings["appProbes"];
     assert_eq!(
         probes["/app-health/app/readyz"],
         json!({"http": {"port": 8080, "path": "/healthz", "scheme": "HTTP"}})
