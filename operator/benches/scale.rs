@@ -14,22 +14,10 @@ use apiward::serve::config::ConfigHub;
 use k8s_openapi::api::core::v1::Pod;
 
 mod common;
-use common::{inputs, peak_rss_mib};
+use common::{inputs, peak_rss_mib, status_mib};
 
 fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .map(str::to_owned)
-        })
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    status_mib("VmRSS")
 }
 
 fn main() {

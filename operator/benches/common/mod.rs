@@ -81,12 +81,13 @@ pub fn inputs() -> Inputs {
     inputs
 }
 
-pub fn peak_rss_mib() -> f64 {
+/// A `/proc/self/status` memory field (`VmRSS`, `VmHWM`), MiB.
+pub fn status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
                 .map(str::to_owned)
         })
         .and_then(|l| {
@@ -95,4 +96,9 @@ pub fn peak_rss_mib() -> f64 {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Peak RSS so far, MiB.
+pub fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM")
 }

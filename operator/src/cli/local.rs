@@ -167,13 +167,7 @@ pub fn run(args: LocalArgs) -> ExitCode {
 }
 
 fn serve_local(a: ServeArgs) -> Result<(), String> {
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .try_init();
+    super::json_logs();
     let ca = load_or_create_ca(&a.state_dir, &a.trust_domain)?;
     let tokens = load_or_create_tokens(&a.state_dir)?;
     let bundle = a.state_dir.join("trust-bundle.pem");

@@ -70,6 +70,17 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit code for policy errors or failing tests.
 pub const EXIT_FAILED: u8 = 1;
 
+/// JSON logs on stderr for the long-running commands (`RUST_LOG` filters; default info).
+fn json_logs() {
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+}
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

@@ -118,13 +118,7 @@ impl OperatorArgs {
 
 /// Runs `apiward operator`.
 pub fn run(args: &OperatorArgs) -> ExitCode {
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .try_init();
+    super::json_logs();
     let options = match args.options() {
         Ok(o) => o,
         Err(e) => {
