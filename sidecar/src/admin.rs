@@ -63,18 +63,13 @@ async fn app_health(path: &str, shared: &Shared) -> Response<ProxyBody> {
         );
     };
     let timeout = std::time::Duration::from_secs(1);
+    let connects = |port: u16| async move {
+        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(("127.0.0.1", port)))
+            .await
+            .is_ok_and(|c| c.is_ok())
+    };
     let ok = match probe {
-        AppProbe::Tcp { port } => {
-            tokio::time::timeout(timeout, tokio::net::TcpStream::connect(("127.0.0.1", port)))
-                .await
-                .is_ok_and(|c| c.is_ok())
-        }
-        AppProbe::Http { port, scheme, .. } if scheme.eq_ignore_ascii_case("https") => {
-            tokio::time::timeout(timeout, tokio::net::TcpStream::connect(("127.0.0.1", port)))
-                .await
-                .is_ok_and(|c| c.is_ok())
-        }
-        AppProbe::Http { port, path, .. } => {
+        AppProbe::Http { port, path, scheme } if !scheme.eq_ignore_ascii_case("https") => {
             let ask = async {
                 let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
                     .await
@@ -97,6 +92,8 @@ async fn app_health(path: &str, shared: &Shared) -> Response<ProxyBody> {
                 .flatten()
                 .unwrap_or(false)
         }
+        // HTTPS is checked as a TCP connect (kubelet does not verify the app's certificate).
+        AppProbe::Http { port, .. } | AppProbe::Tcp { port } => connects(port).await,
     };
     if ok {
         text(StatusCode::OK, "text/plain", "ok\n".into())

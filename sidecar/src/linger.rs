@@ -87,29 +87,30 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<IO> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.draining.is_none() {
-            ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
-            this.draining = Some(Box::pin(tokio::time::sleep(LINGER_TIME)));
+        let Lingering {
+            io,
+            draining,
+            drained,
+        } = self.get_mut();
+        if draining.is_none() {
+            ready!(Pin::new(&mut *io).poll_shutdown(cx))?;
         }
+        let deadline = draining.get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER_TIME)));
         let mut scratch = [0u8; 4096];
-        loop {
-            if this.drained >= LINGER_BYTES {
-                return Poll::Ready(Ok(()));
-            }
+        while *drained < LINGER_BYTES {
             let mut buf = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+            match Pin::new(&mut *io).poll_read(cx, &mut buf) {
                 // The client closed (or reset) its side: nothing is left to lose.
                 Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
                 Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(())) => this.drained += buf.filled().len() as u64,
+                Poll::Ready(Ok(())) => *drained += buf.filled().len() as u64,
                 Poll::Pending => {
-                    let deadline = this.draining.as_mut().expect("set above");
                     ready!(deadline.as_mut().poll(cx));
                     return Poll::Ready(Ok(()));
                 }
             }
         }
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -104,7 +104,12 @@ fn main() -> ExitCode {
                     }
                     path
                 }
-                (None, None) => unreachable!("clap requires one of them"),
+                (None, None) => {
+                    eprintln!(
+                        "apiward-sidecar run: --config FILE or APIWARD_SIDECAR_SETTINGS is required"
+                    );
+                    return ExitCode::from(2);
+                }
             };
             (config, threads, log_format, log)
         }

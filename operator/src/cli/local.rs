@@ -190,11 +190,7 @@ fn serve_local(a: ServeArgs) -> Result<(), String> {
         trust_domain: a.trust_domain.clone(),
         lifetime: a.cert_lifetime,
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt = super::runtime()?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await

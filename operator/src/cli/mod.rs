@@ -81,6 +81,15 @@ fn json_logs() {
         .try_init();
 }
 
+/// The runtime of the long-running commands (two workers: the machines are small).
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

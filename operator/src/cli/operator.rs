@@ -126,14 +126,10 @@ pub fn run(args: &OperatorArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match super::runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("apiward operator: cannot start the runtime: {e}");
+            eprintln!("apiward operator: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -92,43 +92,32 @@ pub fn apply(index: &mut ClusterIndex, ev: SourceEvent) -> Applied {
 
 /// The merged watch streams of a cluster.
 pub fn watches(client: &Client) -> futures::stream::BoxStream<'static, SourceEvent> {
-    let cfg = watcher::Config::default;
-    let policies = watcher(Api::<ApiPolicy>::all(client.clone()), cfg())
-        .default_backoff()
-        .filter_map(|e| async move {
-            log_err("ApiPolicy", e).map(|e| SourceEvent::Policy(Box::new(e)))
-        });
-    let pods = watcher(Api::<Pod>::all(client.clone()), cfg())
-        .default_backoff()
-        .filter_map(|e| async move { log_err("Pod", e).map(|e| SourceEvent::Pod(Box::new(e))) });
-    let secrets = watcher(Api::<Secret>::all(client.clone()), cfg())
-        .default_backoff()
-        .filter_map(
-            |e| async move { log_err("Secret", e).map(|e| SourceEvent::Secret(Box::new(e))) },
-        );
-    let maps = watcher(Api::<ConfigMap>::all(client.clone()), cfg())
-        .default_backoff()
-        .filter_map(|e| async move {
-            log_err("ConfigMap", e).map(|e| SourceEvent::ConfigMap(Box::new(e)))
-        });
     futures::stream::select_all([
-        policies.boxed(),
-        pods.boxed(),
-        secrets.boxed(),
-        maps.boxed(),
+        watch_all::<ApiPolicy>(client, SourceEvent::Policy),
+        watch_all::<Pod>(client, SourceEvent::Pod),
+        watch_all::<Secret>(client, SourceEvent::Secret),
+        watch_all::<ConfigMap>(client, SourceEvent::ConfigMap),
     ])
     .boxed()
 }
 
-fn watcher<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-) -> impl futures::Stream<Item = watcher::Result<Event<K>>> + Send
+/// One kind, in every namespace, retried with kube's default backoff (failures logged).
+fn watch_all<K>(
+    client: &Client,
+    wrap: fn(Box<Event<K>>) -> SourceEvent,
+) -> futures::stream::BoxStream<'static, SourceEvent>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     K::DynamicType: Default,
 {
-    watcher::watcher(api, cfg)
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |e| {
+            let event = log_err(&kind, e).map(|e| wrap(Box::new(e)));
+            async move { event }
+        })
+        .boxed()
 }
 
 fn log_err<K>(kind: &str, e: watcher::Result<Event<K>>) -> Option<Event<K>> {
@@ -200,20 +189,29 @@ pub async fn run(
         if pods > 0 {
             tracing::info!(pods_changed = pods, "configs published");
         }
+        let mut fetched = Vec::new();
         for r in missing {
             if asked.insert(r.clone()) {
-                let found = fetch(&client, &r).await;
-                if found.is_err() {
-                    asked.remove(&r); // asked again after the next batch
-                }
-                if let Ok(Some(ev)) = found {
-                    let mut index = index
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if !apply(&mut index, ev).pods.is_empty() {
-                        hub.publish(&index.workloads(), index.compiler().configs());
+                match fetch(&client, &r).await {
+                    Ok(found) => fetched.extend(found),
+                    // Asked again after the next batch.
+                    Err(_) => {
+                        asked.remove(&r);
                     }
                 }
+            }
+        }
+        if !fetched.is_empty() {
+            let mut index = index
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let pods: usize = fetched
+                .into_iter()
+                .map(|ev| apply(&mut index, ev).pods.len())
+                .sum();
+            if pods > 0 {
+                let pushed = hub.publish(&index.workloads(), index.compiler().configs());
+                metrics.pushes.inc_by(pushed as u64);
             }
         }
         if policies {

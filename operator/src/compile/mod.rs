@@ -905,13 +905,7 @@ impl Compiler {
             m.metadata.name.clone().unwrap_or_default(),
         );
         self.config_maps.insert(k, m);
-        self.refs_changed(&ns, |p| {
-            p.spec
-                .api
-                .as_ref()
-                .and_then(|a| a.openapi_ref.as_ref())
-                .is_some_and(|r| r.config_map_ref.name == name)
-        })
+        self.refs_changed(&ns, |p| references_config_map(p, &name))
     }
 
     /// Removes a Secret; recompiles the policies of its namespace that used it.
@@ -927,13 +921,7 @@ impl Compiler {
         if self.config_maps.remove(&key(namespace, name)).is_none() {
             return Vec::new();
         }
-        self.refs_changed(namespace, |p| {
-            p.spec
-                .api
-                .as_ref()
-                .and_then(|a| a.openapi_ref.as_ref())
-                .is_some_and(|r| r.config_map_ref.name == name)
-        })
+        self.refs_changed(namespace, |p| references_config_map(p, name))
     }
 
     /// A policy the compiler holds (`namespace/name`).
@@ -1191,13 +1179,32 @@ impl Compiler {
     }
 }
 
-fn references_secret(p: &ApiPolicy, name: &str) -> bool {
-    p.spec.authentication.as_ref().is_some_and(|a| {
-        a.api_keys.iter().any(|k| k.secret_ref.name == name)
-            || a.jwt
+/// The Secrets (API keys, JWKS documents) a policy references, by name in its namespace.
+pub fn referenced_secrets(p: &ApiPolicy) -> impl Iterator<Item = &str> {
+    p.spec.authentication.iter().flat_map(|a| {
+        a.api_keys.iter().map(|k| k.secret_ref.name.as_str()).chain(
+            a.jwt
                 .iter()
-                .any(|j| j.jwks_secret_ref.as_ref().is_some_and(|r| r.name == name))
+                .filter_map(|j| j.jwks_secret_ref.as_ref().map(|r| r.name.as_str())),
+        )
     })
+}
+
+/// The ConfigMap (an OpenAPI document) a policy references, by name in its namespace.
+pub fn referenced_config_map(p: &ApiPolicy) -> Option<&str> {
+    p.spec
+        .api
+        .as_ref()
+        .and_then(|a| a.openapi_ref.as_ref())
+        .map(|r| r.config_map_ref.name.as_str())
+}
+
+fn references_secret(p: &ApiPolicy, name: &str) -> bool {
+    referenced_secrets(p).any(|s| s == name)
+}
+
+fn references_config_map(p: &ApiPolicy, name: &str) -> bool {
+    referenced_config_map(p) == Some(name)
 }
 
 /// Content hash of a config (its `version` field excluded).

@@ -323,17 +323,8 @@ impl ClusterIndex {
         let mut secrets = BTreeSet::new();
         let mut maps = BTreeSet::new();
         let mut add = |p: &ApiPolicy| {
-            if let Some(a) = &p.spec.authentication {
-                secrets.extend(a.api_keys.iter().map(|k| k.secret_ref.name.clone()));
-                secrets.extend(
-                    a.jwt
-                        .iter()
-                        .filter_map(|j| j.jwks_secret_ref.as_ref().map(|r| r.name.clone())),
-                );
-            }
-            if let Some(r) = p.spec.api.as_ref().and_then(|a| a.openapi_ref.as_ref()) {
-                maps.insert(r.config_map_ref.name.clone());
-            }
+            secrets.extend(crate::compile::referenced_secrets(p).map(str::to_owned));
+            maps.extend(crate::compile::referenced_config_map(p).map(str::to_owned));
         };
         for other in self.compiler.policies_in(&ns) {
             if meta_key(&other.metadata) != pk {

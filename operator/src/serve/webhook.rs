@@ -145,28 +145,26 @@ fn settings(t: &SidecarTemplate, port: u16, probes: BTreeMap<String, Value>) -> 
 }
 
 /// Rewrites an httpGet/tcpSocket probe of an app container to the sidecar's admin port:
-/// `/app-health/<container>/<kind>`, with the original probe in the sidecar's env.
+/// `/app-health/<container>/<kind>`; returns how the sidecar asks the app instead (its
+/// `appProbes` entry). A named probe port is taken as the app port.
 fn rewrite_probe(probe: &mut Probe, container: &str, kind: &str, port: u16) -> Option<Value> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let number = |p: &IntOrString| match p {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(_) => i32::from(port),
+    };
     let target = if let Some(h) = &probe.http_get {
-        let p = match &h.port {
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => *n,
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(_) => i32::from(port),
-        };
-        json!({"http": {"port": p, "path": h.path.clone().unwrap_or_else(|| "/".into()),
+        json!({"http": {"port": number(&h.port), "path": h.path.clone().unwrap_or_else(|| "/".into()),
                         "scheme": h.scheme.clone().unwrap_or_else(|| "HTTP".into())}})
     } else if let Some(t) = &probe.tcp_socket {
-        let p = match &t.port {
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => *n,
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(_) => i32::from(port),
-        };
-        json!({"tcp": {"port": p}})
+        json!({"tcp": {"port": number(&t.port)}})
     } else {
         return None; // exec and grpc probes do not cross the network stack of the pod
     };
     probe.tcp_socket = None;
     probe.http_get = Some(k8s_openapi::api::core::v1::HTTPGetAction {
         path: Some(format!("/app-health/{container}/{kind}")),
-        port: k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15020),
+        port: IntOrString::Int(15020),
         scheme: Some("HTTP".into()),
         ..Default::default()
     });
@@ -324,21 +322,23 @@ pub fn review(body: &[u8], opts: &WebhookOptions) -> (Value, &'static str) {
     };
     let mut resp = AdmissionResponse::from(&req);
     let namespace = req.namespace.clone().unwrap_or_default();
-    let result = match &req.object {
-        Some(pod) => match inject(pod, &namespace, &opts.namespace, &opts.sidecar) {
-            Ok(patch) => match serde_json::from_value::<json_patch::Patch>(patch) {
-                Ok(p) => match resp.clone().with_patch(p) {
-                    Ok(r) => {
-                        resp = r;
-                        "injected"
-                    }
-                    Err(_) => "error",
-                },
-                Err(_) => "error",
-            },
-            Err(_) => "skipped",
-        },
-        None => "skipped",
+    let patched = req.object.as_ref().map(|pod| {
+        inject(pod, &namespace, &opts.namespace, &opts.sidecar).map(|patch| {
+            serde_json::from_value::<json_patch::Patch>(patch)
+                .map_err(|e| e.to_string())
+                .and_then(|p| resp.clone().with_patch(p).map_err(|e| e.to_string()))
+        })
+    });
+    let result = match patched {
+        Some(Ok(Ok(r))) => {
+            resp = r;
+            "injected"
+        }
+        Some(Ok(Err(e))) => {
+            tracing::error!(error = %e, "cannot build the injection patch");
+            "error"
+        }
+        Some(Err(_)) | None => "skipped",
     };
     if result == "error" {
         resp.warnings = Some(vec![
