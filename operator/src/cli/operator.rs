@@ -57,6 +57,12 @@ pub struct OperatorArgs {
     /// (empty: cert-manager does).
     #[arg(long, default_value = "apiward-sidecar-injector")]
     webhook_configuration: String,
+    /// Serve the webhook with `tls.crt`/`tls.key` from this directory (a mounted
+    /// cert-manager Secret, re-read on renewal) instead of a certificate from the mesh CA.
+    /// Pair it with `--webhook-configuration ''` so cert-manager's CA injector owns
+    /// `caBundle`.
+    #[arg(long, env = "APIWARD_WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<std::path::PathBuf>,
     /// The injected sidecar: image, pull policy, resources, log level, as JSON
     /// (`SidecarTemplate`; the chart writes it).
     #[arg(long, env = "APIWARD_SIDECAR_TEMPLATE")]
@@ -111,6 +117,7 @@ impl OperatorArgs {
                 service: self.webhook_service.clone(),
                 configuration: Some(self.webhook_configuration.clone()).filter(|c| !c.is_empty()),
                 sidecar,
+                cert_dir: self.webhook_cert_dir.clone(),
             }),
         })
     }

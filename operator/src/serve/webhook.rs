@@ -69,6 +69,11 @@ pub struct SidecarTemplate {
     pub control_url: String,
     /// SPIFFE trust domain.
     pub trust_domain: String,
+    /// Where `scope: Global` quotas keep their counters (the sidecar's `quotaStore`
+    /// settings, e.g. `{"url": "redis://redis.apiward-system:6379"}`); none: Global quotas
+    /// count per sidecar as `onStoreError` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_store: Option<Value>,
 }
 
 fn default_pull() -> String {
@@ -95,6 +100,9 @@ pub struct WebhookOptions {
     pub configuration: Option<String>,
     /// The injected containers.
     pub sidecar: SidecarTemplate,
+    /// A directory with `tls.crt` and `tls.key` (a mounted cert-manager Secret) to serve
+    /// instead of a certificate from the mesh CA; re-read when the files change.
+    pub cert_dir: Option<std::path::PathBuf>,
 }
 
 /// Why a pod is left alone.
@@ -130,7 +138,7 @@ fn app_port(pod: &Pod) -> Option<u16> {
 
 /// The sidecar's settings for a pod fronting `port`, with the app's rewritten probes.
 fn settings(t: &SidecarTemplate, port: u16, probes: BTreeMap<String, Value>) -> Value {
-    json!({
+    let mut s = json!({
         "appProbes": probes,
         "inbound": {"listen": "0.0.0.0:15006", "port": port},
         "admin": {"listen": "0.0.0.0:15020"},
@@ -141,7 +149,11 @@ fn settings(t: &SidecarTemplate, port: u16, probes: BTreeMap<String, Value>) -> 
             "trustDomain": t.trust_domain,
         },
         "control": {},
-    })
+    });
+    if let Some(q) = &t.quota_store {
+        s["quotaStore"] = q.clone();
+    }
+    s
 }
 
 /// Rewrites an httpGet/tcpSocket probe of an app container to the sidecar's admin port:
@@ -387,16 +399,17 @@ fn now_unix() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-fn certified(ca: &Ca, names: &[String]) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+/// A certificate and key in PEM, as one `CertifiedKey`.
+fn certified_pem(chain: &[u8], key: &[u8]) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let (chain, key) = ca
-        .server_certificate(names, CERT_LIFETIME, now_unix())
-        .map_err(|e| e.to_string())?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain.as_bytes())
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no certificate in the PEM".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| e.to_string())?;
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let signing = provider
         .key_provider
@@ -405,27 +418,84 @@ fn certified(ca: &Ca, names: &[String]) -> Result<Arc<rustls::sign::CertifiedKey
     Ok(Arc::new(rustls::sign::CertifiedKey::new(certs, signing)))
 }
 
-/// The webhook's TLS config, with a certificate signed by the mesh CA for the Service's
-/// names, renewed in the background.
-pub fn tls(ca: Arc<Ca>, names: Vec<String>) -> Result<Arc<rustls::ServerConfig>, String> {
-    let resolver = Arc::new(Rotating(RwLock::new(certified(&ca, &names)?)));
+fn certified(ca: &Ca, names: &[String]) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+    let (chain, key) = ca
+        .server_certificate(names, CERT_LIFETIME, now_unix())
+        .map_err(|e| e.to_string())?;
+    certified_pem(chain.as_bytes(), key.as_bytes())
+}
+
+/// `tls.crt` and `tls.key` from `dir`, with the bytes read (to notice a renewal).
+fn certified_dir(dir: &std::path::Path) -> Result<(Arc<rustls::sign::CertifiedKey>, Vec<u8>), String> {
+    let read = |f: &str| {
+        std::fs::read(dir.join(f)).map_err(|e| format!("{}: {e}", dir.join(f).display()))
+    };
+    let (chain, key) = (read("tls.crt")?, read("tls.key")?);
+    let k = certified_pem(&chain, &key).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok((k, [chain, key].concat()))
+}
+
+fn server_config(resolver: Arc<Rotating>) -> Result<Arc<rustls::ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
-        .with_cert_resolver(resolver.clone());
+        .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+impl Rotating {
+    fn set(&self, k: Arc<rustls::sign::CertifiedKey>) {
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = k;
+    }
+}
+
+/// How often a mounted certificate is looked at for a renewal (kubelet updates a mounted
+/// Secret within about a minute of cert-manager renewing it).
+pub const CERT_DIR_POLL: Duration = Duration::from_secs(30);
+
+/// The webhook's TLS config from a mounted certificate (`tls.crt`, `tls.key`), re-read
+/// when the files change; a broken new pair keeps the old one serving.
+pub fn tls_from_dir(
+    dir: std::path::PathBuf,
+    poll: Duration,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let (key, mut seen) = certified_dir(&dir)?;
+    let resolver = Arc::new(Rotating(RwLock::new(key)));
+    let cfg = server_config(resolver.clone())?;
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(poll).await;
+                match certified_dir(&dir) {
+                    Ok((_, bytes)) if bytes == seen => {}
+                    Ok((k, bytes)) => {
+                        resolver.set(k);
+                        seen = bytes;
+                        tracing::info!(dir = %dir.display(), "webhook serving certificate reloaded");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot reload the webhook certificate; the old one keeps serving"),
+                }
+            }
+        });
+    }
+    Ok(cfg)
+}
+
+/// The webhook's TLS config, with a certificate signed by the mesh CA for the Service's
+/// names, renewed in the background.
+pub fn tls(ca: Arc<Ca>, names: Vec<String>) -> Result<Arc<rustls::ServerConfig>, String> {
+    let resolver = Arc::new(Rotating(RwLock::new(certified(&ca, &names)?)));
+    let cfg = server_config(resolver.clone())?;
     if tokio::runtime::Handle::try_current().is_ok() {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(CERT_LIFETIME * 2 / 3).await;
                 match certified(&ca, &names) {
                     Ok(k) => {
-                        *resolver
-                            .0
-                            .write()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = k;
+                        resolver.set(k);
                         tracing::info!("webhook serving certificate renewed");
                     }
                     Err(e) => tracing::error!(error = %e, "cannot renew the webhook certificate"),
@@ -433,7 +503,7 @@ pub fn tls(ca: Arc<Ca>, names: Vec<String>) -> Result<Arc<rustls::ServerConfig>,
             }
         });
     }
-    Ok(Arc::new(cfg))
+    Ok(cfg)
 }
 
 /// Largest AdmissionReview accepted.
@@ -527,7 +597,10 @@ pub async fn start(
     metrics: Arc<OperatorMetrics>,
     leader: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let tls = tls(ca.clone(), names(&opts.service, &opts.namespace))?;
+    let tls = match &opts.cert_dir {
+        Some(dir) => tls_from_dir(dir.clone(), CERT_DIR_POLL)?,
+        None => tls(ca.clone(), names(&opts.service, &opts.namespace))?,
+    };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;

@@ -52,12 +52,19 @@ struct Server {
     client: reqwest::Client,
     url: String,
     metrics: Arc<OperatorMetrics>,
+    addr: std::net::SocketAddr,
 }
 
 async fn server() -> Server {
     let ca = Arc::new(Ca::generate("cluster.local", now_unix()).unwrap());
+    let tls = tls(ca.clone(), names("apiward-webhook", NS)).unwrap();
+    server_with(tls, ca.trust_bundle_pem()).await
+}
+
+/// The webhook on loopback with `tls`; the client trusts `ca_pem`, as the API server
+/// trusts `caBundle`.
+async fn server_with(tls: Arc<rustls::ServerConfig>, ca_pem: &str) -> Server {
     let names = names("apiward-webhook", NS);
-    let tls = tls(ca.clone(), names.clone()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(OperatorMetrics::default());
@@ -67,20 +74,25 @@ async fn server() -> Server {
         service: "apiward-webhook".into(),
         configuration: None,
         sidecar: template(),
+        cert_dir: None,
     };
     tokio::spawn(serve(listener, tls, Arc::new(opts), metrics.clone()));
-    let client = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(ca.trust_bundle_pem().as_bytes()).unwrap(),
-        )
-        .resolve(&names[0], addr)
-        .build()
-        .unwrap();
     Server {
-        client,
+        client: client_trusting(ca_pem, addr),
         url: format!("https://{}:{}/inject", names[0], addr.port()),
         metrics,
+        addr,
     }
+}
+
+/// An HTTPS client that trusts `ca_pem` and finds the webhook's Service name at `addr`.
+fn client_trusting(ca_pem: &str, addr: std::net::SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+        .resolve(&names("apiward-webhook", NS)[0], addr)
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
 }
 
 impl Server {
@@ -308,4 +320,61 @@ async fn garbage_is_a_400_not_a_crash() {
     assert_eq!(resp.status(), 400);
     let resp = s.client.get(&s.url).send().await.unwrap();
     assert_eq!(resp.status(), 404);
+}
+
+/// Writes a serving certificate for the webhook's names into `dir` as cert-manager's
+/// Secret volume would (`tls.crt`, `tls.key`); returns the CA that signed it.
+fn write_cert_manager_secret(dir: &std::path::Path) -> Ca {
+    let ca = Ca::generate("cluster.local", now_unix()).unwrap();
+    let (chain, key) = ca
+        .server_certificate(
+            &names("apiward-webhook", NS),
+            Duration::from_secs(3600),
+            now_unix(),
+        )
+        .unwrap();
+    std::fs::write(dir.join("tls.crt"), chain).unwrap();
+    std::fs::write(dir.join("tls.key"), key).unwrap();
+    ca
+}
+
+#[tokio::test]
+async fn a_mounted_certificate_is_served_and_its_renewal_picked_up() {
+    let dir = std::env::temp_dir().join(format!("apiward-webhook-cert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = write_cert_manager_secret(&dir);
+    let tls = tls_from_dir(dir.clone(), Duration::from_millis(50)).unwrap();
+    let s = server_with(tls, first.trust_bundle_pem()).await;
+    let (resp, _) = s.review(&app_pod(), "shop").await;
+    assert_eq!(resp["response"]["allowed"], true, "{resp}");
+
+    // cert-manager renews with another key (here: another CA): the new pair is served.
+    let second = write_cert_manager_secret(&dir);
+    let renewed = client_trusting(second.trust_bundle_pem(), s.addr);
+    let mut served = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if renewed.post(&s.url).body("{}").send().await.is_ok() {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "the renewed certificate was never served");
+    // (A new client: one that has talked to the server may resume its TLS session.)
+    let old = client_trusting(first.trust_bundle_pem(), s.addr);
+    assert!(
+        old.post(&s.url).body("{}").send().await.is_err(),
+        "the first certificate is no longer served"
+    );
+
+    // A broken file (half-written Secret) keeps the last good pair serving.
+    std::fs::write(dir.join("tls.key"), "not a key").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fresh = client_trusting(second.trust_bundle_pem(), s.addr);
+    assert!(fresh.post(&s.url).body("{}").send().await.is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A directory without the pair is refused at start, with the file named.
+    let err = tls_from_dir(dir.clone(), CERT_DIR_POLL).unwrap_err();
+    assert!(err.contains("tls.crt"), "{err}");
 }
