@@ -426,10 +426,11 @@ fn certified(ca: &Ca, names: &[String]) -> Result<Arc<rustls::sign::CertifiedKey
 }
 
 /// `tls.crt` and `tls.key` from `dir`, with the bytes read (to notice a renewal).
-fn certified_dir(dir: &std::path::Path) -> Result<(Arc<rustls::sign::CertifiedKey>, Vec<u8>), String> {
-    let read = |f: &str| {
-        std::fs::read(dir.join(f)).map_err(|e| format!("{}: {e}", dir.join(f).display()))
-    };
+fn certified_dir(
+    dir: &std::path::Path,
+) -> Result<(Arc<rustls::sign::CertifiedKey>, Vec<u8>), String> {
+    let read =
+        |f: &str| std::fs::read(dir.join(f)).map_err(|e| format!("{}: {e}", dir.join(f).display()));
     let (chain, key) = (read("tls.crt")?, read("tls.key")?);
     let k = certified_pem(&chain, &key).map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok((k, [chain, key].concat()))
@@ -448,7 +449,10 @@ fn server_config(resolver: Arc<Rotating>) -> Result<Arc<rustls::ServerConfig>, S
 
 impl Rotating {
     fn set(&self, k: Arc<rustls::sign::CertifiedKey>) {
-        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = k;
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = k;
     }
 }
 
@@ -476,7 +480,9 @@ pub fn tls_from_dir(
                         seen = bytes;
                         tracing::info!(dir = %dir.display(), "webhook serving certificate reloaded");
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot reload the webhook certificate; the old one keeps serving"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reload the webhook certificate; the old one keeps serving")
+                    }
                 }
             }
         });
