@@ -10,6 +10,15 @@ pub const RESOLVED_REFS: &str = "ResolvedRefs";
 pub const PROGRAMMED: &str = "Programmed";
 /// Accepted, resolved and programmed: the policy is enforced.
 pub const READY: &str = "Ready";
+/// True (and only then present) while the policy cannot become Ready without someone
+/// changing something: the spec is invalid, a reference is unusable, or sidecars refused
+/// the config. The kstatus convention, so Flux (and `kstatus`) report it as failed at
+/// once instead of waiting for a timeout.
+pub const STALLED: &str = "Stalled";
+/// True (and only then present) while the policy is on its way to Ready: sidecars have
+/// not all acknowledged the current config yet, or a referenced object does not exist
+/// yet. The kstatus convention: Flux reports "in progress".
+pub const RECONCILING: &str = "Reconciling";
 /// True while some selected sidecars cannot reach the Global quota store (Redis): their
 /// Global quotas follow `onStoreError`. Absent when the policy has no Global quota.
 pub const QUOTA_STORE_UNAVAILABLE: &str = "QuotaStoreUnavailable";

@@ -206,6 +206,26 @@ pub fn programmed(
     (cond, targets)
 }
 
+/// `Stalled` or `Reconciling` (kstatus' abnormal-true conditions) from the others, when
+/// either is true: the first blocking cause, or the first that is still settling.
+fn kstatus_condition(conds: &[PolicyCondition]) -> Option<PolicyCondition> {
+    use crds::conditions::{ACCEPTED, READY, RECONCILING, STALLED, reasons};
+    let not_true = || conds.iter().filter(|c| !c.status && c.type_ != READY);
+    let settling =
+        |c: &&PolicyCondition| matches!(c.reason, reasons::PENDING | reasons::REF_NOT_FOUND);
+    let (type_, cause) = if let Some(c) = not_true().find(|c| c.type_ == ACCEPTED || !settling(c)) {
+        (STALLED, c)
+    } else {
+        (RECONCILING, not_true().next()?)
+    };
+    Some(PolicyCondition {
+        type_,
+        status: true,
+        reason: cause.reason,
+        message: format!("{}: {}", cause.type_, cause.message),
+    })
+}
+
 /// The whole status of a policy. `previous` keeps each condition's transition time while
 /// its status does not change.
 #[allow(clippy::too_many_arguments)]
@@ -242,6 +262,7 @@ pub fn policy_status(
             format!("not True: {}", not.join(", "))
         },
     });
+    conds.extend(kstatus_condition(&conds));
     if has_global_quotas {
         let mine: Vec<&Report> = result.pods.iter().filter_map(|p| reports.get(p)).collect();
         conds.extend(quota_store_condition(&mine));
@@ -412,6 +433,121 @@ mod tests {
         assert!(
             quota_store_condition(&[&c]).is_none(),
             "no Global quota, no condition"
+        );
+    }
+
+    /// kstatus' generic rules (sigs.k8s.io/cli-utils/pkg/kstatus, what Flux's health
+    /// checks use) for a resource with conditions: Stalled → Failed; Reconciling or
+    /// Ready=False or a stale observedGeneration → InProgress; else Current.
+    fn kstatus(s: &ApiPolicyStatus, generation: i64) -> &'static str {
+        let is_true = |t: &str| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == t && c.status == "True")
+        };
+        let is_false = |t: &str| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == t && c.status == "False")
+        };
+        if s.observed_generation != Some(generation) {
+            "InProgress"
+        } else if is_true("Stalled") {
+            "Failed"
+        } else if is_true("Reconciling") || is_false("Ready") {
+            "InProgress"
+        } else {
+            "Current"
+        }
+    }
+
+    #[test]
+    fn flux_and_kstatus_read_the_status_as_failed_in_progress_or_current() {
+        let accepted = PolicyCondition {
+            type_: crds::conditions::ACCEPTED,
+            status: true,
+            reason: crds::conditions::reasons::ACCEPTED,
+            message: String::new(),
+        };
+        let invalid = PolicyCondition {
+            status: false,
+            reason: crds::conditions::reasons::INVALID,
+            message: "spec.rules[0].to[0].paths[0]: not a path template".into(),
+            ..accepted.clone()
+        };
+        let missing_secret = PolicyCondition {
+            type_: crds::conditions::RESOLVED_REFS,
+            status: false,
+            reason: crds::conditions::reasons::REF_NOT_FOUND,
+            message: "Secret shop/partner-keys not found".into(),
+        };
+        let pods = vec!["shop/orders-0".to_owned(), "shop/orders-1".to_owned()];
+        let acked: BTreeMap<String, Report> = pods
+            .iter()
+            .map(|p| (p.clone(), report(p.trim_start_matches("shop/"), None)))
+            .collect();
+        let mut half = acked.clone();
+        half.remove("shop/orders-1");
+        let mut refused = acked.clone();
+        if let Some(r) = refused.get_mut("shop/orders-1") {
+            r.config_version = Some("v0".into());
+            r.rejected_config = Some(apiward_policy::report::RejectedConfig {
+                version: "v1".into(),
+                reason: "unknown field".into(),
+            });
+        }
+        let at = |conds: Vec<PolicyCondition>, reports: &BTreeMap<String, Report>, observed| {
+            let result = PolicyResult {
+                conditions: conds,
+                pods: pods.clone(),
+                warnings: vec![],
+            };
+            let s = policy_status(
+                &result,
+                Some(observed),
+                &|_| Some("v1".into()),
+                reports,
+                false,
+                None,
+                Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+                None,
+            );
+            (kstatus(&s, 7), s)
+        };
+        let reason = |s: &ApiPolicyStatus, t: &str| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| c.reason.clone())
+        };
+
+        let (health, s) = at(vec![invalid], &acked, 7);
+        assert_eq!(health, "Failed", "an invalid spec fails at once: {s:?}");
+        assert_eq!(reason(&s, "Stalled").as_deref(), Some("Invalid"));
+        assert!(
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Stalled" && c.message.contains("spec.rules[0]"))
+        );
+        let (health, s) = at(vec![accepted.clone()], &refused, 7);
+        assert_eq!(health, "Failed", "a config sidecars refuse fails: {s:?}");
+        assert_eq!(reason(&s, "Stalled").as_deref(), Some("SidecarRejected"));
+
+        let (health, s) = at(vec![accepted.clone()], &half, 7);
+        assert_eq!(health, "InProgress", "1 of 2 sidecars acked: {s:?}");
+        assert_eq!(reason(&s, "Reconciling").as_deref(), Some("Pending"));
+        let (health, _) = at(vec![accepted.clone(), missing_secret], &acked, 7);
+        assert_eq!(health, "InProgress", "a Secret that may still be created");
+        let (health, _) = at(vec![accepted.clone()], &acked, 6);
+        assert_eq!(health, "InProgress", "status of an older generation");
+
+        let (health, s) = at(vec![accepted], &acked, 7);
+        assert_eq!(health, "Current", "{s:?}");
+        assert!(
+            !s.conditions
+                .iter()
+                .any(|c| c.type_ == "Stalled" || c.type_ == "Reconciling"),
+            "both are present only while true"
         );
     }
 }

@@ -379,6 +379,10 @@ fn default_values_render_strict_manifests_for_a_working_operator() {
         "https://apiward.apiward-system.svc:15012"
     );
     assert_eq!(template.image, "ghcr.io/apiward/apiward-sidecar:0.1.0");
+    assert_eq!(
+        template.init_image.as_deref(),
+        Some("ghcr.io/apiward/apiward-init:0.1.0")
+    );
     assert!(template.quota_store.is_none());
 
     // Each Service selects the operator's pods and targets a port the container has.

@@ -46,6 +46,7 @@ app.kubernetes.io/component: operator
 {{- $s := .Values.sidecar -}}
 {{- $t := dict
       "image" (include "apiward.image" (merge (dict "appVersion" .Chart.AppVersion) $s.image))
+      "initImage" (include "apiward.image" (merge (dict "appVersion" .Chart.AppVersion) $s.initImage))
       "imagePullPolicy" $s.image.pullPolicy
       "resources" $s.resources
       "logLevel" $s.logLevel

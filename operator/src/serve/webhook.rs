@@ -54,8 +54,12 @@ pub const INIT_NAME: &str = "apiward-init";
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarTemplate {
-    /// The sidecar image (also runs the init step).
+    /// The sidecar image.
     pub image: String,
+    /// The image of the init step (`apiward-sidecar init`, which needs iptables); the
+    /// sidecar image when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<String>,
     /// `IfNotPresent`, `Always`, `Never`.
     #[serde(default = "default_pull")]
     pub image_pull_policy: String,
@@ -238,7 +242,7 @@ pub fn inject(
 
     let init = json!({
         "name": INIT_NAME,
-        "image": t.image,
+        "image": t.init_image.as_deref().unwrap_or(&t.image),
         "imagePullPolicy": t.image_pull_policy,
         "args": ["init", "--inbound-ports", port.to_string(), "--proxy-uid", SIDECAR_UID.to_string(),
                  "--exclude-outbound-cidrs", "0.0.0.0/0"],

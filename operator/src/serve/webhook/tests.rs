@@ -8,6 +8,7 @@ const NS: &str = "apiward-system";
 fn template() -> SidecarTemplate {
     serde_json::from_value(json!({
         "image": "ghcr.io/apiward/apiward-sidecar:test",
+        "initImage": "ghcr.io/apiward/apiward-init:test",
         "controlUrl": "https://apiward.apiward-system.svc:15012",
         "trustDomain": "cluster.local",
     }))
@@ -149,7 +150,16 @@ async fn a_pod_gets_the_init_step_the_native_sidecar_and_its_volumes() {
         [INIT_NAME, SIDECAR_NAME]
     );
 
-    // The init step: the only container with network capabilities.
+    // The init step (its own image, which has iptables): the only container with
+    // network capabilities.
+    assert_eq!(
+        init[0].image.as_deref(),
+        Some("ghcr.io/apiward/apiward-init:test")
+    );
+    assert_eq!(
+        init[1].image.as_deref(),
+        Some("ghcr.io/apiward/apiward-sidecar:test")
+    );
     let caps = init[0]
         .security_context
         .as_ref()
