@@ -169,10 +169,24 @@ pub fn yaml_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ReadError> {
     Ok(out)
 }
 
-/// Reads every document under the given paths.
+/// Reads every document under the given paths; `-` is standard input (e.g. the output
+/// of `kustomize build`), named `<stdin>` in findings.
 pub fn read(paths: &[PathBuf]) -> Result<Input, ReadError> {
     let mut input = Input::default();
-    for file in yaml_files(paths)? {
+    let (stdin, paths): (Vec<PathBuf>, Vec<PathBuf>) =
+        paths.iter().cloned().partition(|p| p.as_os_str() == "-");
+    if !stdin.is_empty() {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|source| {
+            ReadError {
+                path: "-".into(),
+                source,
+            }
+        })?;
+        input.files += 1;
+        read_str(&mut input, Path::new("<stdin>"), &text);
+    }
+    for file in yaml_files(&paths)? {
         if is_status_file(&file) {
             continue;
         }

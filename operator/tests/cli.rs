@@ -133,3 +133,42 @@ fn explain_shows_the_failed_binding_for_bola() {
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("decision: ALLOW"));
 }
+
+/// `apiward check -` with `text` on standard input.
+fn check_stdin(args: &[&str], text: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apiward"))
+        .arg("check")
+        .args(args)
+        .arg("-")
+        .current_dir(repo(""))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn check_reads_a_rendered_overlay_from_stdin() {
+    // What `kustomize build examples/gitops/policies/overlays/staging` prints: the base
+    // policy in another namespace, in Audit mode.
+    let base = std::fs::read_to_string(repo("examples/gitops/policies/base/inventory-api.yaml")).unwrap();
+    let staging = base
+        .replace("namespace: store", "namespace: store-staging")
+        .replace("mode: Enforce", "mode: Audit");
+    let o = check_stdin(&[], &staging);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    // --strict refuses Audit mode (AW002), naming standard input.
+    let o = check_stdin(&["--strict"], &staging);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("<stdin>: warning[AW002] ApiPolicy store-staging/inventory-api spec.mode"), "{}", stdout(&o));
+    // A broken document is an error with the field.
+    let broken = base.replace("ports: [8080]", "ports: [80800]");
+    let o = check_stdin(&[], &broken);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("<stdin>: error"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("spec.targetRef.ports"), "{}", stdout(&o));
+}
