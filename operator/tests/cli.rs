@@ -147,7 +147,12 @@ fn check_stdin(args: &[&str], text: &str) -> Output {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -155,7 +160,8 @@ fn check_stdin(args: &[&str], text: &str) -> Output {
 fn check_reads_a_rendered_overlay_from_stdin() {
     // What `kustomize build examples/gitops/policies/overlays/staging` prints: the base
     // policy in another namespace, in Audit mode.
-    let base = std::fs::read_to_string(repo("examples/gitops/policies/base/inventory-api.yaml")).unwrap();
+    let base =
+        std::fs::read_to_string(repo("examples/gitops/policies/base/inventory-api.yaml")).unwrap();
     let staging = base
         .replace("namespace: store", "namespace: store-staging")
         .replace("mode: Enforce", "mode: Audit");
@@ -164,11 +170,20 @@ fn check_reads_a_rendered_overlay_from_stdin() {
     // --strict refuses Audit mode (AW002), naming standard input.
     let o = check_stdin(&["--strict"], &staging);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stdout(&o).contains("<stdin>: warning[AW002] ApiPolicy store-staging/inventory-api spec.mode"), "{}", stdout(&o));
+    assert!(
+        stdout(&o)
+            .contains("<stdin>: warning[AW002] ApiPolicy store-staging/inventory-api spec.mode"),
+        "{}",
+        stdout(&o)
+    );
     // A broken document is an error with the field.
     let broken = base.replace("ports: [8080]", "ports: [80800]");
     let o = check_stdin(&[], &broken);
     assert_eq!(o.status.code(), Some(1));
     assert!(stdout(&o).contains("<stdin>: error"), "{}", stdout(&o));
-    assert!(stdout(&o).contains("spec.targetRef.ports"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("spec.targetRef.ports"),
+        "{}",
+        stdout(&o)
+    );
 }

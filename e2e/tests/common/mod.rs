@@ -6,8 +6,14 @@ use std::time::Duration;
 use apiward::identity::{Ca, SpiffeId};
 use apiward_e2e::now;
 
-/// A client presenting a certificate the CA issued for `shop/<sa>`.
+/// A client presenting a certificate the CA issued for `shop/<sa>` (HTTP/1.1).
 pub fn mesh_client(ca: &Ca, sa: &str) -> reqwest::Client {
+    mesh_client_builder(ca, sa).http1_only().build().unwrap()
+}
+
+/// A client builder with a certificate the CA issued for `shop/<sa>`, verifying servers
+/// against the mesh trust bundle.
+pub fn mesh_client_builder(ca: &Ca, sa: &str) -> reqwest::ClientBuilder {
     let id = SpiffeId {
         trust_domain: "cluster.local".into(),
         namespace: "shop".into(),
@@ -27,7 +33,4 @@ pub fn mesh_client(ca: &Ca, sa: &str) -> reqwest::Client {
         // The sidecar's certificate names only its SPIFFE ID: verify the chain, not a host name.
         .danger_accept_invalid_hostnames(true)
         .tls_info(true)
-        .http1_only()
-        .build()
-        .unwrap()
 }
