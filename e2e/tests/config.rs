@@ -258,3 +258,103 @@ async fn a_sidecar_can_read_only_its_own_pods_config() {
     assert_eq!(code(r).await, (403, "not_your_pod".into()));
     assert!(op.hub.reports().is_empty());
 }
+
+/// The mesh table the cluster index computes for a Service `shop/<app>` on
+/// `10.96.0.<octet>`, backed by injected pods `<app>-0`, `<app>-1` running as `sas`.
+fn mesh_table(app: &str, octet: u8, sas: &[&str]) -> apiward_policy::mesh::MeshTable {
+    let mut index = apiward::index::ClusterIndex::new("cluster.local");
+    for (i, sa) in sas.iter().enumerate() {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+            "metadata": {"name": format!("{app}-{i}"), "namespace": "shop", "labels": {"app": app},
+                         "annotations": {"apiward.io/status": "injected"}},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "ports": [{"containerPort": 8080}]}]},
+            "status": {"phase": "Running"},
+        }))
+        .unwrap();
+        index.apply_pod(&pod);
+    }
+    let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "metadata": {"name": app, "namespace": "shop"},
+        "spec": {"clusterIP": format!("10.96.0.{octet}"), "selector": {"app": app},
+                 "ports": [{"port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    index.apply_service(&svc);
+    index.take_mesh_table().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_table_reaches_sidecars_on_their_config_stream() {
+    let dir = tempdir("mesh-table");
+    let ca = Ca::generate("cluster.local", now()).unwrap();
+    let tokens = LocalTokens::generate().unwrap();
+    let token = tokens
+        .mint("shop", "orders", Some("orders-0"), AUDIENCE, now(), 3600)
+        .unwrap();
+    std::fs::write(dir.join("token"), token).unwrap();
+    let ca_file = dir.join("trust-bundle.pem");
+    std::fs::write(&ca_file, ca.trust_bundle_pem()).unwrap();
+    let app = start_app().await;
+    let op = operator(ca, tokens).await;
+    // Published before the sidecar connects: it arrives with the first config.
+    let first = mesh_table("users", 7, &["users"]);
+    assert!(op.hub.publish_mesh(&first));
+    assert!(
+        !op.hub.publish_mesh(&first),
+        "the same table is not sent again"
+    );
+    publish(&op.hub, "v1", app.port(), &["/a"]);
+
+    let path = settings(&dir, app, op.addr, &ca_file);
+    let mut s: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    s["outbound"] = json!({"listen": "127.0.0.1:0", "egress": {"default": "Allow"}});
+    std::fs::write(&path, s.to_string()).unwrap();
+    let (_shared, bound) = apiward_sidecar::start(&path).await.unwrap();
+    let admin = format!("http://{}", bound.admin);
+    let dump = || async {
+        let v: Value = reqwest::get(format!("{admin}/config_dump"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default();
+        (
+            v["version"].as_str().unwrap_or_default().to_owned(),
+            v["mesh"]["version"].as_str().unwrap_or_default().to_owned(),
+            v["mesh"]["services"].clone(),
+        )
+    };
+    eventually(
+        Duration::from_secs(10),
+        "v1 and the first table",
+        || async {
+            let (v, m, _) = dump().await;
+            v == "v1" && m == first.version
+        },
+    )
+    .await;
+    assert_eq!(dump().await.2, json!(["shop/users"]));
+
+    // A second ServiceAccount behind the Service: a new table on the open stream; the
+    // config in force is untouched, and the table is not taken for a config.
+    let second = mesh_table("users", 7, &["users", "users-canary"]);
+    assert_ne!(second.version, first.version);
+    assert!(op.hub.publish_mesh(&second));
+    eventually(Duration::from_secs(10), "the second table", || async {
+        dump().await.1 == second.version
+    })
+    .await;
+    assert_eq!(dump().await.0, "v1");
+    eventually(Duration::from_secs(10), "v1 acknowledged", || async {
+        op.hub
+            .reports()
+            .get("shop/orders-0")
+            .and_then(|r| r.config_version.clone())
+            == Some("v1".into())
+    })
+    .await;
+    assert!(
+        op.hub.reports()["shop/orders-0"].rejected_config.is_none(),
+        "a mesh line is never refused as a config"
+    );
+}

@@ -166,6 +166,10 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
                     "version": a.version(),
                     "identity": identity,
                     "outbound": a.settings.outbound,
+                    "mesh": shared.mesh.load().as_deref().map(|t| serde_json::json!({
+                        "version": t.version,
+                        "services": t.destinations.iter().map(|d| &d.service).collect::<Vec<_>>(),
+                    })),
                     "quotaStore": a.global_quotas.as_deref().map(|g| serde_json::json!({
                         "url": g.settings().display_url(),
                         "available": g.available(crate::quota_store::unix_ms()),

@@ -80,9 +80,50 @@ pub fn validate(cfg: &SidecarConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// Applies one pushed line. A config that does not validate (or does not load with these
-/// settings) is refused and remembered for the next report; the active one stays.
+/// Applies a pushed mesh table: the outbound routes are rebuilt with its Services. A table
+/// that does not parse or load is ignored (logged); the previous one stays.
+fn apply_mesh(shared: &Arc<Shared>, line: &[u8]) {
+    let table: apiward_policy::mesh::MeshTable = match serde_json::from_slice(line) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "pushed mesh table unreadable; the previous one stays");
+            return;
+        }
+    };
+    let (version, services) = (table.version.clone(), table.destinations.len());
+    let previous = shared.mesh.swap(Some(Arc::new(table)));
+    if shared.active.load().is_none() {
+        return; // applied with the first config
+    }
+    match shared.reload() {
+        Ok(_) => tracing::info!(version, services, "mesh table applied"),
+        Err(e) => {
+            shared.mesh.store(previous);
+            tracing::error!(version, error = %e, "mesh table refused; the previous one stays");
+        }
+    }
+}
+
+/// Is this pushed line a mesh table (rather than a `SidecarConfig`)?
+fn is_mesh_line(line: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Kind {
+        api_version: Option<String>,
+    }
+    serde_json::from_slice::<Kind>(line)
+        .ok()
+        .and_then(|k| k.api_version)
+        .is_some_and(|v| v == apiward_policy::mesh::MESH_API_VERSION)
+}
+
+/// Applies one pushed line: a mesh table, or a config. A config that does not validate
+/// (or does not load with these settings) is refused and remembered for the next report;
+/// the active one stays.
 pub fn apply(shared: &Arc<Shared>, line: &[u8]) {
+    if is_mesh_line(line) {
+        return apply_mesh(shared, line);
+    }
     let parsed: Result<SidecarConfig, String> =
         serde_json::from_slice(line).map_err(|e| format!("not a SidecarConfig: {e}"));
     let version = |c: &Result<SidecarConfig, String>| match c {

@@ -245,6 +245,16 @@ fn port_ok(ports: &[u16], port: u16) -> bool {
 impl Routes {
     /// Compiles the settings; `mesh` is absent until this workload has a certificate.
     pub fn build(s: &OutboundSettings, mesh: Option<&MeshTls>) -> Result<Self, String> {
+        Self::build_with(s, mesh, None)
+    }
+
+    /// Compiles the settings and the mesh table the operator pushed (its Services come
+    /// after the settings' own `meshed` entries, which win on overlap).
+    pub fn build_with(
+        s: &OutboundSettings,
+        mesh: Option<&MeshTls>,
+        table: Option<&apiward_policy::mesh::MeshTable>,
+    ) -> Result<Self, String> {
         let connect_timeout = apiward_policy::duration::parse_duration(&s.connect_timeout)
             .map_err(|e| format!("outbound.connectTimeout: {e}"))?;
         let mut meshed = Vec::new();
@@ -266,6 +276,32 @@ impl Routes {
                 cidrs: m.cidrs.clone(),
                 ports: m.ports.clone(),
                 identity: m.identity.clone(),
+                tls,
+            });
+        }
+        for d in table.map(|t| t.destinations.as_slice()).unwrap_or_default() {
+            // A bad entry is skipped, not fatal: the rest of the mesh keeps working.
+            let cidrs: Vec<IpNet> = d.cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+            if cidrs.is_empty() || d.identities.iter().any(|i| !i.starts_with("spiffe://")) {
+                tracing::warn!(
+                    service = d.service,
+                    "mesh table: unusable destination skipped"
+                );
+                continue;
+            }
+            let alpn = if d.opaque {
+                vec![crate::tcp::ALPN.to_vec()]
+            } else {
+                vec![]
+            };
+            let tls = mesh
+                .map(|mt| mesh_client_config_any(mt, &d.identities, alpn))
+                .transpose()
+                .map_err(|e| format!("mesh table {}: {e}", d.service))?;
+            meshed.push(Meshed {
+                cidrs,
+                ports: d.ports.clone(),
+                identity: d.identities.join(" or "),
                 tls,
             });
         }
@@ -377,7 +413,8 @@ const HOST_TTL: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 struct SpiffeVerifier {
     roots: Arc<RootCertStore>,
-    expected: String,
+    /// Any of these (a Service may be backed by several ServiceAccounts).
+    expected: Vec<String>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -399,11 +436,11 @@ impl ServerCertVerifier for SpiffeVerifier {
             self.provider.signature_verification_algorithms.all,
         )?;
         match crate::tls::spiffe_id(end_entity) {
-            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Some(id) if self.expected.contains(&id) => Ok(ServerCertVerified::assertion()),
             other => Err(rustls::Error::General(format!(
                 "peer is {}, expected {}",
                 other.as_deref().unwrap_or("no SPIFFE ID"),
-                self.expected
+                self.expected.join(" or ")
             ))),
         }
     }
@@ -458,10 +495,19 @@ pub fn mesh_client_config(
     expected: &str,
     alpn: Vec<Vec<u8>>,
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    mesh_client_config_any(mesh, &[expected.to_owned()], alpn)
+}
+
+/// The client config for a meshed destination whose peer may present any of `expected`.
+pub fn mesh_client_config_any(
+    mesh: &MeshTls,
+    expected: &[String],
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let provider = crate::tls::provider();
     let verifier = SpiffeVerifier {
         roots: mesh.roots.clone(),
-        expected: expected.to_owned(),
+        expected: expected.to_vec(),
         provider: provider.clone(),
     };
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -713,5 +759,45 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_pushed_mesh_table_meshes_its_services_after_the_settings_own_entries() {
+        let s: OutboundSettings = serde_norway::from_str(
+            "{meshed: [{cidrs: [10.96.0.0/24], ports: [80], identity: 'spiffe://cluster.local/ns/shop/sa/static'}], egress: {default: Allow}}",
+        )
+        .unwrap();
+        let table: apiward_policy::mesh::MeshTable = serde_json::from_value(serde_json::json!({
+            "apiVersion": apiward_policy::mesh::MESH_API_VERSION, "version": "mesh-1",
+            "destinations": [
+                {"service": "shop/orders", "cidrs": ["10.96.0.20/32", "10.96.1.20/32"], "ports": [80, 8080],
+                 "identities": ["spiffe://cluster.local/ns/shop/sa/orders", "spiffe://cluster.local/ns/shop/sa/orders-v2"]},
+                {"service": "shop/broken", "cidrs": ["not-a-cidr"], "ports": [80],
+                 "identities": ["spiffe://cluster.local/ns/shop/sa/x"]},
+            ]
+        }))
+        .unwrap();
+        let r = Routes::build_with(&s, None, Some(&table)).unwrap();
+        let identity = |route: Route| match route {
+            Route::Meshed { identity, .. } => Some(identity),
+            _ => None,
+        };
+        // The settings' entry wins where both cover the address.
+        assert_eq!(
+            identity(r.route("10.96.0.20:80".parse().unwrap()).await).as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/static")
+        );
+        // Elsewhere the table's Service, with every ServiceAccount behind it accepted.
+        assert_eq!(
+            identity(r.route("10.96.1.20:8080".parse().unwrap()).await).as_deref(),
+            Some(
+                "spiffe://cluster.local/ns/shop/sa/orders or spiffe://cluster.local/ns/shop/sa/orders-v2"
+            )
+        );
+        // Another port of the Service address is not meshed (it passes the egress policy).
+        assert!(identity(r.route("10.96.1.20:9090".parse().unwrap()).await).is_none());
+        // Without a table, the address is plain egress.
+        let bare = Routes::build(&s, None).unwrap();
+        assert!(identity(bare.route("10.96.1.20:8080".parse().unwrap()).await).is_none());
     }
 }

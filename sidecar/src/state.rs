@@ -109,6 +109,8 @@ pub struct Shared {
     pub inventory: crate::inventory::Inventory,
     /// The last config pushed by the operator that validated (see [`crate::control`]).
     pub pushed: ArcSwapOption<SidecarConfig>,
+    /// The last mesh table pushed by the operator (meshed Services for outbound).
+    pub mesh: ArcSwapOption<apiward_policy::mesh::MeshTable>,
     /// The last pushed config refused, and why (for the next report).
     pub rejected: std::sync::Mutex<Option<apiward_policy::report::RejectedConfig>>,
 }
@@ -134,6 +136,7 @@ impl Shared {
             identity: None,
             handshakes: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
             pushed: ArcSwapOption::empty(),
+            mesh: ArcSwapOption::empty(),
             inventory: Default::default(),
             rejected: Default::default(),
         }
@@ -148,6 +151,7 @@ impl Shared {
             self.identity.as_ref(),
             &self.metrics.quota_store,
             self.pushed.load().as_deref(),
+            self.mesh.load().as_deref(),
         ) {
             Ok(active) => {
                 let version = active.version().to_owned();
@@ -169,6 +173,30 @@ impl Shared {
     }
 }
 
+/// The outbound settings tightened by the pushed policy's egress: when a policy restricts
+/// egress, only its destinations (and the settings' own rules) are allowed.
+fn with_policy_egress(
+    o: &crate::outbound::OutboundSettings,
+    egress: Option<&apiward_policy::config::EgressPolicy>,
+) -> crate::outbound::OutboundSettings {
+    let mut o = o.clone();
+    let Some(e) = egress.filter(|e| e.restricted) else {
+        return o;
+    };
+    o.egress.default = crate::outbound::EgressDefault::Deny;
+    for (i, r) in e.allow.iter().enumerate() {
+        o.egress.allow.push(crate::outbound::EgressRule {
+            name: format!("policy[{i}]"),
+            cidrs: r.cidrs.iter().filter_map(|c| c.parse().ok()).collect(),
+            hosts: r.hosts.clone(),
+            ports: r.ports.clone(),
+            // The app's own TLS passes through; the sidecar does not originate it here.
+            tls: None,
+        });
+    }
+    o
+}
+
 /// Loads and validates a settings file into an [`Active`]. JWT verifiers whose provider
 /// did not change are carried over from `previous`, keeping their keys and token cache.
 pub fn load(
@@ -177,6 +205,7 @@ pub fn load(
     identity: Option<&Arc<crate::identity::WorkloadIdentity>>,
     store_metrics: &crate::quota_store::StoreMetrics,
     pushed: Option<&SidecarConfig>,
+    mesh_table: Option<&apiward_policy::mesh::MeshTable>,
 ) -> Result<Active, String> {
     let settings = Settings::load(path).map_err(|e| e.to_string())?;
     let timeouts = settings.timeouts().map_err(|(f, m)| format!("{f}: {m}"))?;
@@ -227,7 +256,10 @@ pub fn load(
     let outbound = settings
         .outbound
         .as_ref()
-        .map(|o| crate::outbound::Routes::build(o, mesh.as_ref()).map(Arc::new))
+        .map(|o| {
+            let o = with_policy_egress(o, config.as_ref().map(|c| &c.egress));
+            crate::outbound::Routes::build_with(&o, mesh.as_ref(), mesh_table).map(Arc::new)
+        })
         .transpose()?;
     let mut jwt = HashMap::new();
     let mut api_keys = HashMap::new();

@@ -1,7 +1,8 @@
-//! The kube watches: `ApiPolicy`, `Pod`, `Secret` and `ConfigMap` in every namespace,
+//! The kube watches: `ApiPolicy`, `Pod`, `Secret`, `ConfigMap` and `Service` in every namespace,
 //! turned into calls on the [`ClusterIndex`] (and nothing else). After each batch of
 //! events the compiler's output for the pods that changed is published into the
-//! [`ConfigHub`], which pushes it to their sidecars.
+//! [`ConfigHub`], which pushes it to their sidecars; so is the mesh table (Services and
+//! the injected pods behind them), once both have been listed.
 //!
 //! A watch that fails is retried with kube's default backoff; after a restart the watch
 //! relists, and objects missing from the relist are deleted from the index. Referenced
@@ -14,7 +15,7 @@ use std::time::Instant;
 
 use apiward_crds::ApiPolicy;
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
@@ -35,6 +36,8 @@ pub enum SourceEvent {
     Secret(Box<Event<Secret>>),
     /// A `ConfigMap` watch event.
     ConfigMap(Box<Event<ConfigMap>>),
+    /// A `Service` watch event (the mesh table).
+    Service(Box<Event<Service>>),
 }
 
 fn ns_name(m: &kube::api::ObjectMeta) -> (String, String) {
@@ -87,6 +90,18 @@ pub fn apply(index: &mut ClusterIndex, ev: SourceEvent) -> Applied {
             }
             Event::Init | Event::InitDone => Applied::default(),
         },
+        SourceEvent::Service(e) => {
+            match *e {
+                Event::Init => index.services_relisting(),
+                Event::InitApply(s) | Event::Apply(s) => index.apply_service(&s),
+                Event::Delete(s) => {
+                    let (ns, name) = ns_name(&s.metadata);
+                    index.delete_service(&ns, &name);
+                }
+                Event::InitDone => index.services_listed(),
+            }
+            Applied::default()
+        }
     }
 }
 
@@ -97,6 +112,7 @@ pub fn watches(client: &Client) -> futures::stream::BoxStream<'static, SourceEve
         watch_all::<Pod>(client, SourceEvent::Pod),
         watch_all::<Secret>(client, SourceEvent::Secret),
         watch_all::<ConfigMap>(client, SourceEvent::ConfigMap),
+        watch_all::<Service>(client, SourceEvent::Service),
     ])
     .boxed()
 }
@@ -145,7 +161,7 @@ pub async fn run(
     metrics: Arc<OperatorMetrics>,
 ) {
     let mut asked: BTreeSet<(RefKind, String, String)> = BTreeSet::new();
-    let (mut policies_listed, mut pods_listed) = (false, false);
+    let (mut policies_listed, mut pods_listed, mut services_listed) = (false, false, false);
     while let Some(first) = events.next().await {
         let started = Instant::now();
         let mut batch = vec![first];
@@ -166,6 +182,8 @@ pub async fn run(
                 policies_listed |=
                     matches!(&ev, SourceEvent::Policy(e) if matches!(**e, Event::InitDone));
                 pods_listed |= matches!(&ev, SourceEvent::Pod(e) if matches!(**e, Event::InitDone));
+                services_listed |=
+                    matches!(&ev, SourceEvent::Service(e) if matches!(**e, Event::InitDone));
                 let a = apply(&mut index, ev);
                 pods += a.pods.len();
                 policies |= a.policies || !a.pods.is_empty();
@@ -176,6 +194,17 @@ pub async fn run(
                 0
             };
             metrics.pushes.inc_by(pushed as u64);
+            if pods_listed
+                && services_listed
+                && let Some(table) = index.take_mesh_table()
+                && hub.publish_mesh(&table)
+            {
+                tracing::info!(
+                    version = table.version,
+                    services = table.destinations.len(),
+                    "mesh table published"
+                );
+            }
             (pushed, policies, index.missing_refs())
         };
         metrics

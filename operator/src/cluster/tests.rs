@@ -101,11 +101,10 @@ fn api_server(
                 (Method::GET, "/apis/apiward.io/v1alpha1/apipolicies") => {
                     respond(send, 200, &list("ApiPolicyList", policies.clone()))
                 }
-                (Method::GET, "/api/v1/pods" | "/api/v1/secrets" | "/api/v1/configmaps")
-                    if watching =>
-                {
-                    held.push(send)
-                }
+                (
+                    Method::GET,
+                    "/api/v1/pods" | "/api/v1/secrets" | "/api/v1/configmaps" | "/api/v1/services",
+                ) if watching => held.push(send),
                 (Method::GET, "/api/v1/pods") => respond(
                     send,
                     200,
@@ -114,6 +113,9 @@ fn api_server(
                 (Method::GET, "/api/v1/secrets") => respond(send, 200, &list("SecretList", vec![])),
                 (Method::GET, "/api/v1/configmaps") => {
                     respond(send, 200, &list("ConfigMapList", vec![]))
+                }
+                (Method::GET, "/api/v1/services") => {
+                    respond(send, 200, &list("ServiceList", vec![]))
                 }
                 (
                     Method::PATCH,

@@ -2,7 +2,7 @@ use super::*;
 use crate::load::{self, Object};
 
 fn examples() -> Inputs {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/shop");
     let input = load::read(&[dir]).unwrap();
     let mut inputs = Inputs {
         trust_domain: "cluster.local".into(),

@@ -17,16 +17,25 @@
 //!   to fetch.
 //! - Pods are workloads while they run (not `Succeeded`/`Failed`).
 
+pub mod mesh;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use apiward_crds::{ApiPolicy, FieldError};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 
 use crate::compile::{Changed, Compiler, PolicyCondition, PolicyResult, Workload};
 
 /// `namespace/name`.
 pub fn key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
+}
+
+fn ns_name_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (
+        m.namespace.clone().unwrap_or_else(|| "default".into()),
+        m.name.clone().unwrap_or_default(),
+    )
 }
 
 fn meta_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
@@ -71,6 +80,12 @@ pub struct ClusterIndex {
     relist_pods: Option<BTreeSet<String>>,
     relist_policies: Option<BTreeSet<String>>,
     pods: BTreeSet<String>,
+    /// Services and injected pods, for the mesh table.
+    mesh: mesh::MeshIndex,
+    /// The mesh table's inputs changed since [`ClusterIndex::take_mesh_table`].
+    mesh_dirty: bool,
+    relist_services: Option<BTreeSet<(String, String)>>,
+    trust_domain: String,
 }
 
 /// What an event changed.
@@ -93,6 +108,45 @@ impl ClusterIndex {
             relist_pods: None,
             relist_policies: None,
             pods: BTreeSet::new(),
+            mesh: mesh::MeshIndex::default(),
+            mesh_dirty: true,
+            relist_services: None,
+            trust_domain: trust_domain.to_owned(),
+        }
+    }
+
+    /// The mesh table, when its inputs changed since the last call.
+    pub fn take_mesh_table(&mut self) -> Option<apiward_policy::mesh::MeshTable> {
+        std::mem::take(&mut self.mesh_dirty).then(|| self.mesh.table(&self.trust_domain))
+    }
+
+    /// Adds or replaces a Service (for the mesh table).
+    pub fn apply_service(&mut self, s: &Service) {
+        if let Some(seen) = self.relist_services.as_mut() {
+            seen.insert(ns_name_of(&s.metadata));
+        }
+        self.mesh_dirty |= self.mesh.apply_service(s);
+    }
+
+    /// Removes a Service.
+    pub fn delete_service(&mut self, namespace: &str, name: &str) {
+        self.mesh_dirty |= self.mesh.delete_service(namespace, name);
+    }
+
+    /// The Service watch restarted.
+    pub fn services_relisting(&mut self) {
+        self.relist_services = Some(BTreeSet::new());
+    }
+
+    /// The Service relist is complete: Services it did not contain are deleted.
+    pub fn services_listed(&mut self) {
+        let Some(seen) = self.relist_services.take() else {
+            return;
+        };
+        for (ns, name) in self.mesh.service_keys() {
+            if !seen.contains(&(ns.clone(), name.clone())) {
+                self.delete_service(&ns, &name);
+            }
         }
     }
 
@@ -180,6 +234,7 @@ impl ClusterIndex {
         if let Some(seen) = self.relist_pods.as_mut() {
             seen.insert(pk.clone());
         }
+        self.mesh_dirty |= self.mesh.apply_pod(pod);
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded" | "Failed")) {
             return self.delete_pod(&ns, &name);
@@ -216,6 +271,7 @@ impl ClusterIndex {
     /// Removes a pod.
     pub fn delete_pod(&mut self, namespace: &str, name: &str) -> Applied {
         self.pods.remove(&key(namespace, name));
+        self.mesh_dirty |= self.mesh.delete_pod(namespace, name);
         Applied {
             pods: self.compiler.remove_workload(namespace, name),
             policies: false,

@@ -6,6 +6,9 @@
 //!   of that pod's config. The pod must exist in the certificate's namespace and run as its
 //!   ServiceAccount, so a sidecar can never read another workload's config (secrets such as
 //!   API-key HMAC keys are in it).
+//!   The same stream carries the cluster's mesh table
+//!   ([`apiward_policy::mesh::MeshTable`], its own `apiVersion`) at once and on every
+//!   change: the meshed Services a sidecar originates mTLS to.
 //! - `POST /v1/reports` takes a [`Report`] from a sidecar, about its own pod only.
 //!
 //! The [`ConfigHub`] holds the latest compiled config of every pod (a watch channel each)
@@ -63,6 +66,8 @@ pub struct ConfigHub {
     trust_domain: String,
     state: Mutex<State>,
     reported: watch::Sender<u64>,
+    /// The mesh table, serialized once for every stream.
+    mesh: watch::Sender<Option<Snapshot>>,
 }
 
 fn refusal(status: u16, code: &'static str, message: String) -> Refusal {
@@ -80,7 +85,30 @@ impl ConfigHub {
             trust_domain: trust_domain.to_owned(),
             state: Mutex::new(State::default()),
             reported: watch::Sender::new(0),
+            mesh: watch::Sender::new(None),
         }
+    }
+
+    /// Replaces the mesh table every stream carries; whether its version changed (then
+    /// every connected sidecar gets it, serialized once).
+    pub fn publish_mesh(&self, table: &apiward_policy::mesh::MeshTable) -> bool {
+        if self.mesh.borrow().as_ref().map(|s| s.version.as_str()) == Some(table.version.as_str()) {
+            return false;
+        }
+        let Ok(mut line) = serde_json::to_vec(table) else {
+            return false;
+        };
+        line.push(b'\n');
+        self.mesh.send_replace(Some(Snapshot {
+            version: table.version.clone(),
+            line: line.into(),
+        }));
+        true
+    }
+
+    /// The mesh table stream (`None` until the first table).
+    pub fn mesh(&self) -> watch::Receiver<Option<Snapshot>> {
+        self.mesh.subscribe()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {

@@ -151,19 +151,37 @@ fn config_stream(req: &Request<Incoming>, hub: &ConfigHub, caller: &SpiffeId) ->
         }
     };
     tracing::info!(caller = %caller, pod, "config stream opened");
-    // The current snapshot at once, then every new one; the stream ends when the pod goes.
-    let frames = futures::stream::unfold((rx, true), |(mut rx, first)| async move {
-        if !first && rx.changed().await.is_err() {
-            return None;
-        }
-        let snapshot = rx.borrow_and_update().clone();
-        let line = match snapshot {
-            Some(s) => s.line,
-            None if first => Bytes::new(), // no config yet: wait for one
-            None => return None,
-        };
-        Some((Ok::<_, Infallible>(Frame::data(line)), (rx, false)))
-    });
+    // The current config and mesh table at once, then every new one of either; the
+    // stream ends when the pod goes.
+    let mesh = hub.mesh();
+    let frames =
+        futures::stream::unfold((rx, mesh, true), |(mut rx, mut mesh, first)| async move {
+            let line = if first {
+                let config = rx.borrow_and_update().clone().map(|s| s.line);
+                let table = mesh.borrow_and_update().clone().map(|s| s.line);
+                // No config yet: the mesh table alone (or nothing), and wait for one.
+                [config, table]
+                    .into_iter()
+                    .flatten()
+                    .fold(Vec::new(), |mut b, l| {
+                        b.extend_from_slice(&l);
+                        b
+                    })
+                    .into()
+            } else {
+                tokio::select! {
+                    changed = rx.changed() => {
+                        changed.ok()?;
+                        rx.borrow_and_update().clone()?.line
+                    }
+                    changed = mesh.changed() => {
+                        changed.ok()?;
+                        mesh.borrow_and_update().clone().map(|s| s.line).unwrap_or_default()
+                    }
+                }
+            };
+            Some((Ok::<_, Infallible>(Frame::data(line)), (rx, mesh, false)))
+        });
     let mut resp = Response::new(BodyExt::boxed(http_body_util::StreamBody::new(frames)));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

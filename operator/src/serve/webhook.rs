@@ -127,7 +127,9 @@ fn flag<'a>(m: &'a Option<BTreeMap<String, String>>, k: &str) -> Option<&'a str>
 }
 
 /// The app port the sidecar fronts: the annotation, else the first container port.
-fn app_port(pod: &Pod) -> Option<u16> {
+/// The app port the sidecar fronts (and the init step intercepts): the `apiward.io/port`
+/// annotation, else the first TCP container port.
+pub fn app_port(pod: &Pod) -> Option<u16> {
     if let Some(p) = flag(&pod.metadata.annotations, PORT_ANNOTATION) {
         return p.parse().ok();
     }
@@ -146,6 +148,10 @@ fn settings(t: &SidecarTemplate, port: u16, probes: BTreeMap<String, Value>) -> 
         "appProbes": probes,
         "inbound": {"listen": "0.0.0.0:15006", "port": port},
         "admin": {"listen": "0.0.0.0:15020"},
+        // The app's outbound TCP (redirected by the init step): mTLS to the meshed Services
+        // of the mesh table the operator pushes; elsewhere allowed unless a policy
+        // restricts egress (metadata addresses always refused).
+        "outbound": {"listen": "127.0.0.1:15001", "egress": {"default": "Allow"}},
         "identity": {
             "url": t.control_url,
             "tokenFile": "/var/run/secrets/apiward.io/token/token",
@@ -244,8 +250,7 @@ pub fn inject(
         "name": INIT_NAME,
         "image": t.init_image.as_deref().unwrap_or(&t.image),
         "imagePullPolicy": t.image_pull_policy,
-        "args": ["init", "--inbound-ports", port.to_string(), "--proxy-uid", SIDECAR_UID.to_string(),
-                 "--exclude-outbound-cidrs", "0.0.0.0/0"],
+        "args": ["init", "--inbound-ports", port.to_string(), "--proxy-uid", SIDECAR_UID.to_string()],
         "securityContext": {
             "runAsUser": 0, "runAsNonRoot": false, "allowPrivilegeEscalation": false,
             "readOnlyRootFilesystem": true,

@@ -15,6 +15,7 @@ pub mod config;
 pub mod duration;
 pub mod engine;
 pub mod inventory;
+pub mod mesh;
 pub mod normalize;
 pub mod quota;
 pub mod report;

@@ -210,6 +210,31 @@ async fn a_pod_gets_the_init_step_the_native_sidecar_and_its_volumes() {
         .collect();
     let settings: Value = serde_json::from_str(&env["APIWARD_SIDECAR_SETTINGS"]).unwrap();
     assert_eq!(settings["inbound"]["port"], 8080);
+    // The sidecar itself accepts them (its settings refuse unknown fields); in the pod
+    // POD_NAME (from the downward API) names the pod.
+    #[cfg(feature = "demo")]
+    {
+        let mut in_pod = settings.clone();
+        in_pod["control"]["pod"] = json!("orders-7d9f-x2x4q");
+        apiward_sidecar::settings::Settings::parse(
+            std::path::Path::new("APIWARD_SIDECAR_SETTINGS"),
+            &in_pod.to_string(),
+        )
+        .unwrap();
+    }
+    // Outbound is intercepted: the app's connections reach the sidecar's outbound
+    // listener, which originates mTLS to meshed Services.
+    assert_eq!(settings["outbound"]["listen"], "127.0.0.1:15001");
+    assert!(
+        !init[0]
+            .args
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|a| a.contains("exclude-outbound")),
+        "{:?}",
+        init[0].args
+    );
     assert_eq!(
         settings["identity"]["url"],
         "https://apiward.apiward-system.svc:15012"
