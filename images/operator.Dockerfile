@@ -4,7 +4,7 @@
 # Multi-stage: a Rust build stage, then distroless/cc (glibc, CA roots, no shell, no
 # package manager) running as the nonroot user (65532). The binary is built without the
 # demo feature, so the data plane is not linked in.
-FROM docker.io/library/rust:1.95-bookworm AS build
+FROM docker.io/library/rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake clang && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

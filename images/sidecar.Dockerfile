@@ -5,7 +5,7 @@
 # init: Debian slim with iptables, for `apiward-sidecar init` (runs once, as root with
 # NET_ADMIN/NET_RAW only, before the pod's other containers).
 # Both for linux/amd64 and linux/arm64 (docker buildx build --platform linux/amd64,linux/arm64).
-FROM docker.io/library/rust:1.95-bookworm AS build
+FROM docker.io/library/rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake clang && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

@@ -59,6 +59,17 @@ pub trait Environment {
     fn sidecar_rss_kib(&self, workload: WorkloadName) -> u64;
 }
 
+/// The environment the scenarios run in: a real cluster when `KUBECONFIG` is set
+/// ([`crate::cluster::KubeCluster`], the chart installed), else the local lab in `dir`
+/// (root, network namespaces).
+pub fn environment(dir: &Path, workloads: &[WorkloadName]) -> Box<dyn Environment> {
+    if std::env::var_os("KUBECONFIG").is_some_and(|k| !k.is_empty()) {
+        Box::new(crate::cluster::KubeCluster::start(workloads))
+    } else {
+        Box::new(LocalLab::start(dir, workloads))
+    }
+}
+
 /// Waits for `cond`, checking every 50 ms, for at most `limit`; returns how long it took.
 pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();

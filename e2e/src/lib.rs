@@ -3,6 +3,7 @@
 //! and (in [`netns`]) network-namespace "pods" wired to a bridge.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod env;
 pub mod mesh;
 pub mod netns;

@@ -1,11 +1,12 @@
-//! The whole system, end to end, through the [`Environment`] trait: here the local lab
+//! The whole system, end to end, through the [`Environment`] trait: the local lab
 //! (network namespaces, real iptables interception, real sidecars under their own UID, the
-//! `apiward local serve` control plane as a process). Needs root; see e2e/README.md for why
-//! each scenario exists.
+//! `apiward local serve` control plane as a process; needs root), or — when `KUBECONFIG`
+//! is set — a real cluster with the chart installed (run with `-j 1`: the scenarios share
+//! namespace `shop`). See e2e/README.md for why each scenario exists.
 
 use std::time::{Duration, Instant};
 
-use apiward_e2e::env::{Environment, LocalLab, wait_for};
+use apiward_e2e::env::{Environment, environment, wait_for};
 use apiward_e2e::tempdir;
 
 /// `shop/checkout` may GET `paths` on users and orders; `mode` Enforce or Audit.
@@ -26,7 +27,7 @@ fn policy(version_note: &str, mode: &str, paths: &[&str]) -> String {
     )
 }
 
-fn condition(env: &LocalLab, type_: &str) -> Option<(String, String)> {
+fn condition(env: &dyn Environment, type_: &str) -> Option<(String, String)> {
     let s = env.status("backend")?;
     let c = s.conditions.iter().find(|c| c.type_ == type_)?;
     Some((c.status.clone(), c.message.clone()))
@@ -35,7 +36,7 @@ fn condition(env: &LocalLab, type_: &str) -> Option<(String, String)> {
 /// The versions the backends enforce (each pod's config has its own version).
 type Versions = Vec<Option<String>>;
 
-fn versions(env: &LocalLab) -> Versions {
+fn versions(env: &dyn Environment) -> Versions {
     ["users", "orders"]
         .map(|w| env.enforced_version(w))
         .to_vec()
@@ -43,7 +44,7 @@ fn versions(env: &LocalLab) -> Versions {
 
 /// Waits until both backends enforce a config other than `not` and the status says every
 /// sidecar acknowledged it.
-fn wait_programmed(env: &LocalLab, not: Option<&Versions>) -> Versions {
+fn wait_programmed(env: &dyn Environment, not: Option<&Versions>) -> Versions {
     wait_for(Duration::from_secs(20), "Programmed=True", || {
         let now = versions(env);
         condition(env, "Programmed").is_some_and(|(s, _)| s == "True")
@@ -53,15 +54,16 @@ fn wait_programmed(env: &LocalLab, not: Option<&Versions>) -> Versions {
     versions(env)
 }
 
-fn lab(name: &str) -> LocalLab {
-    LocalLab::start(&tempdir(name), &["checkout", "users", "orders"])
+/// The local lab, or the cluster when `KUBECONFIG` is set.
+fn lab(name: &str) -> Box<dyn Environment> {
+    environment(&tempdir(name), &["checkout", "users", "orders"])
 }
 
 #[test]
 fn a_policy_change_reaches_every_sidecar() {
     let mut env = lab("scenario-change");
     env.apply_policy("backend", &policy("v1", "Enforce", &["/a"]));
-    let v1 = wait_programmed(&env, None);
+    let v1 = wait_programmed(&*env, None);
     assert_eq!(env.get("checkout", "users", "/a"), 200);
     assert_eq!(env.get("checkout", "users", "/b"), 403);
     assert_eq!(env.get("users", "orders", "/a"), 403, "only checkout may");
@@ -82,11 +84,11 @@ fn a_policy_change_reaches_every_sidecar() {
     let took = wait_for(
         Duration::from_secs(20),
         "acknowledged in the status",
-        || condition(&env, "Programmed").is_some_and(|(s, _)| s == "True"),
+        || condition(&*env, "Programmed").is_some_and(|(s, _)| s == "True"),
     );
     println!(
         "status: {} ({took:?} later)",
-        condition(&env, "Programmed").unwrap().1
+        condition(&*env, "Programmed").unwrap().1
     );
 }
 
@@ -94,7 +96,7 @@ fn a_policy_change_reaches_every_sidecar() {
 fn sidecars_keep_enforcing_without_the_control_plane_and_catch_up() {
     let mut env = lab("scenario-down");
     env.apply_policy("backend", &policy("v1", "Enforce", &["/a"]));
-    let v1 = wait_programmed(&env, None);
+    let v1 = wait_programmed(&*env, None);
     env.stop_control_plane();
     // The last config keeps being enforced, both ways.
     for _ in 0..3 {
@@ -105,10 +107,10 @@ fn sidecars_keep_enforcing_without_the_control_plane_and_catch_up() {
     // A change made while it is down arrives once it is back.
     env.apply_policy("backend", &policy("v2", "Enforce", &["/a", "/b"]));
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(versions(&env), v1, "nothing changes while it is down");
+    assert_eq!(versions(&*env), v1, "nothing changes while it is down");
     let back = Instant::now();
     env.start_control_plane();
-    wait_programmed(&env, Some(&v1));
+    wait_programmed(&*env, Some(&v1));
     println!(
         "caught up {:?} after the control plane returned",
         back.elapsed()
@@ -120,7 +122,7 @@ fn sidecars_keep_enforcing_without_the_control_plane_and_catch_up() {
 fn a_sidecar_restarted_without_a_control_plane_refuses_until_configured() {
     let mut env = lab("scenario-restart");
     env.apply_policy("backend", &policy("v1", "Enforce", &["/a"]));
-    wait_programmed(&env, None);
+    wait_programmed(&*env, None);
     env.stop_control_plane();
     env.restart_sidecar("users");
     // No certificate and no config: nothing gets through (fail closed).
@@ -145,7 +147,7 @@ fn a_sidecar_restarted_without_a_control_plane_refuses_until_configured() {
 fn a_malformed_policy_file_changes_nothing_and_is_reported() {
     let mut env = lab("scenario-malformed");
     env.apply_policy("backend", &policy("v1", "Enforce", &["/a"]));
-    let v1 = wait_programmed(&env, None);
+    let v1 = wait_programmed(&*env, None);
     env.apply_policy(
         "backend",
         &policy("v2", "Enforce", &["/a", "/b"]).replace("mode: Enforce", "mode: Sometimes"),
@@ -160,14 +162,14 @@ fn a_malformed_policy_file_changes_nothing_and_is_reported() {
         },
     );
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(versions(&env), v1, "no sidecar's config changed");
+    assert_eq!(versions(&*env), v1, "no sidecar's config changed");
     assert_eq!(
         env.get("checkout", "users", "/b"),
         403,
         "the bad change did not apply"
     );
     assert_eq!(
-        condition(&env, "Ready").unwrap().0,
+        condition(&*env, "Ready").unwrap().0,
         "True",
         "v1 is still enforced"
     );
@@ -177,7 +179,7 @@ fn a_malformed_policy_file_changes_nothing_and_is_reported() {
 fn audit_then_enforce_rollout() {
     let mut env = lab("scenario-rollout");
     env.apply_policy("backend", &policy("audit", "Audit", &["/a"]));
-    let audit = wait_programmed(&env, None);
+    let audit = wait_programmed(&*env, None);
     // In Audit mode a request the rules would refuse is let through (and counted).
     assert_eq!(
         env.get("users", "orders", "/a"),
@@ -185,7 +187,7 @@ fn audit_then_enforce_rollout() {
         "Audit lets it through"
     );
     env.apply_policy("backend", &policy("enforce", "Enforce", &["/a"]));
-    wait_programmed(&env, Some(&audit));
+    wait_programmed(&*env, Some(&audit));
     assert_eq!(env.get("users", "orders", "/a"), 403, "Enforce refuses it");
     assert_eq!(
         env.get("checkout", "orders", "/a"),
@@ -217,7 +219,7 @@ fn the_inventory_shows_declared_shadow_and_zombie_endpoints_and_survives_a_spray
     let mut env = lab("scenario-inventory");
     env.apply_policy("backend", INVENTORY_POLICY);
     wait_for(Duration::from_secs(20), "Programmed=True", || {
-        condition(&env, "Programmed").is_some_and(|(s, _)| s == "True")
+        condition(&*env, "Programmed").is_some_and(|(s, _)| s == "True")
     });
     let sent = Instant::now();
     assert_eq!(env.get("checkout", "users", "/a"), 200);
