@@ -16,3 +16,4 @@ pub mod load;
 pub mod local;
 pub mod serve;
 pub mod status;
+pub mod telemetry;

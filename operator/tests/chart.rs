@@ -528,6 +528,36 @@ fn cert_manager_three_replicas_and_a_service_monitor_render_strict_manifests() {
 }
 
 #[test]
+fn an_otlp_endpoint_turns_on_trace_export() {
+    let env = |values: Value| {
+        let objects = render(NS, &values);
+        let d: Deployment = one(&objects, "Deployment", "apiward");
+        let c = d.spec.unwrap().template.spec.unwrap().containers[0].clone();
+        c.env
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT")
+            .and_then(|e| e.value)
+    };
+    assert_eq!(env(json!({})), None);
+    assert_eq!(
+        env(json!({"otlpEndpoint": "http://otel-collector.observability:4318"})).as_deref(),
+        Some("http://otel-collector.observability:4318")
+    );
+    let out = helm(&[
+        "validate",
+        &chart(),
+        &json!({"otlpEndpoint": "collector:4318"}).to_string(),
+    ]);
+    assert!(
+        out["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("otlpEndpoint")),
+        "{out}"
+    );
+}
+
+#[test]
 fn redis_for_global_quotas_reaches_the_injected_sidecars_settings() {
     let objects = render(
         NS,

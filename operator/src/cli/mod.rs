@@ -72,13 +72,7 @@ pub const EXIT_FAILED: u8 = 1;
 
 /// JSON logs on stderr for the long-running commands (`RUST_LOG` filters; default info).
 fn json_logs() {
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .try_init();
+    let _ = crate::telemetry::init("apiward", None);
 }
 
 /// The runtime of the long-running commands (two workers: the machines are small).

@@ -67,6 +67,9 @@ pub struct OperatorArgs {
     /// (`SidecarTemplate`; the chart writes it).
     #[arg(long, env = "APIWARD_SIDECAR_TEMPLATE")]
     sidecar_template: Option<String>,
+    /// Export traces over OTLP/HTTP to this endpoint (`<endpoint>/v1/traces`).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// The injected sidecar's image (when no template is given).
     #[arg(long, default_value = "ghcr.io/apiward/apiward-sidecar:0.1.0")]
     sidecar_image: String,
@@ -125,7 +128,15 @@ impl OperatorArgs {
 
 /// Runs `apiward operator`.
 pub fn run(args: &OperatorArgs) -> ExitCode {
-    super::json_logs();
+    // Before the runtime: the trace exporter's HTTP client runs its own.
+    let _telemetry = match crate::telemetry::init("apiward-operator", args.otlp_endpoint.as_deref())
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("apiward operator: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let options = match args.options() {
         Ok(o) => o,
         Err(e) => {

@@ -171,6 +171,12 @@ pub async fn run(
                 _ => break,
             }
         }
+        let span = tracing::info_span!(
+            "apply_watch_events",
+            events = batch.len(),
+            pods_changed = tracing::field::Empty
+        );
+        let _entered = span.enter();
         let (pods, policies, missing) = {
             let mut index = index
                 .lock()
@@ -215,6 +221,8 @@ pub async fn run(
                 .ready
                 .store(true, std::sync::atomic::Ordering::Release);
         }
+        span.record("pods_changed", pods);
+        drop(_entered);
         if pods > 0 {
             tracing::info!(pods_changed = pods, "configs published");
         }

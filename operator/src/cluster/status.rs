@@ -141,6 +141,7 @@ impl StatusWriter {
     }
 
     /// Writes one status (server-side apply of the status subresource).
+    #[tracing::instrument(name = "write_status", skip_all, fields(policy = %p.key))]
     pub async fn write(&mut self, p: Pending) {
         let (ns, name) = p.key.split_once('/').unwrap_or(("default", &p.key));
         let api: Api<ApiPolicy> = Api::namespaced(self.client.clone(), ns);

@@ -105,6 +105,7 @@ impl fmt::Debug for Issuance {
 
 impl Issuance {
     /// Decides one request.
+    #[tracing::instrument(name = "issue_certificate", skip_all)]
     pub async fn issue(
         &self,
         req: &CertificateRequest,

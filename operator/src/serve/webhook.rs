@@ -322,6 +322,7 @@ pub fn inject(
 }
 
 /// Answers one AdmissionReview (JSON in, JSON out).
+#[tracing::instrument(name = "admission_review", skip_all, fields(namespace, result))]
 pub fn review(body: &[u8], opts: &WebhookOptions) -> (Value, &'static str) {
     let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
         Ok(r) => r,
@@ -343,6 +344,7 @@ pub fn review(body: &[u8], opts: &WebhookOptions) -> (Value, &'static str) {
     };
     let mut resp = AdmissionResponse::from(&req);
     let namespace = req.namespace.clone().unwrap_or_default();
+    tracing::Span::current().record("namespace", namespace.as_str());
     let patched = req.object.as_ref().map(|pod| {
         inject(pod, &namespace, &opts.namespace, &opts.sidecar).map(|patch| {
             serde_json::from_value::<json_patch::Patch>(patch)
@@ -361,6 +363,7 @@ pub fn review(body: &[u8], opts: &WebhookOptions) -> (Value, &'static str) {
         }
         Some(Err(_)) | None => "skipped",
     };
+    tracing::Span::current().record("result", result);
     if result == "error" {
         resp.warnings = Some(vec![
             "apiward could not build the injection patch; the pod is admitted without a sidecar"

@@ -1,0 +1,75 @@
+//! Logs and traces of the long-running commands: JSON log lines on stderr (`RUST_LOG`
+//! filters; default `info`), and — when an OTLP endpoint is given
+//! (`OTEL_EXPORTER_OTLP_ENDPOINT`, read once by the CLI) — the same spans exported as
+//! OpenTelemetry traces over OTLP/HTTP (protobuf) to `<endpoint>/v1/traces`, in batches
+//! from a background thread, as service `apiward-operator`.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// Keeps the trace exporter alive; dropping it flushes the spans not sent yet.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("apiward: traces not all exported: {e}");
+        }
+    }
+}
+
+/// The OTLP/HTTP traces URL for an `OTEL_EXPORTER_OTLP_ENDPOINT` base.
+pub fn traces_url(endpoint: &str) -> String {
+    let base = endpoint.trim_end_matches('/');
+    if base.ends_with("/v1/traces") {
+        base.to_owned()
+    } else {
+        format!("{base}/v1/traces")
+    }
+}
+
+/// Installs the global subscriber: JSON logs, plus OTLP traces to `otlp` when given.
+/// Call before starting a tokio runtime (the exporter's HTTP client has its own).
+pub fn init(service: &str, otlp: Option<&str>) -> Result<Telemetry, String> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt::layer()
+        .json()
+        .with_writer(std::io::stderr);
+    let Some(endpoint) = otlp.filter(|e| !e.is_empty()) else {
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(logs)
+            .try_init();
+        return Ok(Telemetry::default());
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(traces_url(endpoint))
+        .build()
+        .map_err(|e| format!("OTLP exporter for {endpoint}: {e}"))?;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service.to_owned())
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("apiward");
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .try_init();
+    Ok(Telemetry {
+        provider: Some(provider),
+    })
+}
