@@ -187,3 +187,157 @@ fn check_reads_a_rendered_overlay_from_stdin() {
         stdout(&o)
     );
 }
+
+/// A stand-in API server on loopback (plain HTTP) that answers `GET` by path from
+/// `routes` (404 otherwise), and a kubeconfig pointing at it; returns the kubeconfig.
+fn fake_api_server(routes: Vec<(&'static str, serde_json::Value)>) -> PathBuf {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                    break;
+                }
+            }
+            let path = line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .split('?')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            let (status, body) = match routes.iter().find(|(p, _)| *p == path) {
+                Some((_, b)) => ("200 OK", b.to_string()),
+                None => ("404 Not Found", serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}).to_string()),
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let dir = std::env::temp_dir().join(format!(
+        "apiward-kubeconfig-{}-{}",
+        std::process::id(),
+        addr.port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{addr}'}}}}]\n\
+             users: [{{name: me, user: {{token: not-a-secret}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: me}}}}]\ncurrent-context: fake\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn apiward_with_kubeconfig(kubeconfig: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_apiward"))
+        .args(args)
+        .current_dir(repo(""))
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_explain_and_inventory_read_the_live_cluster() {
+    let mut policy: serde_json::Value = serde_norway::from_str(
+        &std::fs::read_to_string(repo("examples/shop/catalog-audit.yaml")).unwrap(),
+    )
+    .unwrap();
+    policy["status"] = serde_json::json!({
+        "observedGeneration": 1,
+        "conditions": [],
+        "inventory": {"endpoints": [{"method": "GET", "path": "/debug/vars", "declared": false, "shadow": true,
+                                     "requests": 3, "responses": {"2xx": 3}}],
+                      "summary": {"endpoints": 1, "shadow": 1, "zombie": 0, "unauthenticated": 0}},
+    });
+    let list = serde_json::json!({"apiVersion": "apiward.io/v1alpha1", "kind": "ApiPolicyList", "metadata": {}, "items": [policy]});
+    let kubeconfig = fake_api_server(vec![
+        (
+            "/apis/apiward.io/v1alpha1/namespaces/shop/apipolicies",
+            list.clone(),
+        ),
+        ("/apis/apiward.io/v1alpha1/apipolicies", list),
+    ]);
+
+    // check: the live policy is validated and linted (it is in Audit mode: AW002).
+    let o = apiward_with_kubeconfig(
+        &kubeconfig,
+        &["check", "--cluster", "-n", "shop", "--strict"],
+    );
+    let out = stdout(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("cluster/apipolicies/shop/catalog: warning[AW002]"),
+        "{out}"
+    );
+    let o = apiward_with_kubeconfig(&kubeconfig, &["check", "--cluster", "-n", "shop"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+
+    // explain: decided by the policy in force.
+    let o = apiward_with_kubeconfig(
+        &kubeconfig,
+        &[
+            "explain",
+            "--cluster",
+            "--workload",
+            "shop/app=catalog",
+            "GET /products",
+        ],
+    );
+    assert!(
+        stdout(&o).contains("policies: shop/catalog"),
+        "{}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // inventory: from the ApiPolicy's status.
+    let o = apiward_with_kubeconfig(&kubeconfig, &["inventory"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        stdout(&o).contains("/debug/vars") && stdout(&o).contains("shadow"),
+        "{}",
+        stdout(&o)
+    );
+
+    // No cluster: a usage error that says so.
+    let o = apiward_with_kubeconfig(
+        Path::new("/nonexistent/kubeconfig"),
+        &["check", "--cluster"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no cluster"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -20,13 +20,28 @@ struct Summary {
 }
 
 pub(super) fn run(args: &CheckArgs) -> ExitCode {
-    let input = match load::read(&args.paths) {
+    let mut input = match load::read(&args.paths) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("apiward check: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if args.cluster {
+        let ns = args.namespace.clone();
+        match super::cluster::with_client(async move |c| {
+            super::cluster::read(&c, ns.as_deref()).await
+        }) {
+            Ok(live) => {
+                input.files += live.files;
+                input.objects.extend(live.objects);
+            }
+            Err(e) => {
+                eprintln!("apiward check --cluster: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
     let policies = input
         .objects
         .iter()

@@ -13,8 +13,12 @@ pub struct ExplainArgs {
     /// The request, e.g. 'GET /users/42' (a query string may follow the path).
     pub request: String,
     /// Policy files or directories.
-    #[arg(short = 'f', long = "policies", required = true)]
+    #[arg(short = 'f', long = "policies", required_unless_present = "cluster")]
     pub policies: Vec<PathBuf>,
+    /// Decide with the ApiPolicies in force in the cluster (the workload's namespace;
+    /// kubeconfig as kubectl) instead of, or besides, files.
+    #[arg(long)]
+    pub cluster: bool,
     /// The workload: its namespace and labels, e.g. shop/app=users.
     #[arg(long)]
     pub workload: String,
@@ -58,7 +62,14 @@ fn kv(s: &str, what: &str) -> Result<(String, String), String> {
 }
 
 fn explain(args: &ExplainArgs) -> Result<ExitCode, String> {
-    let input = load::read(&args.policies).map_err(|e| e.to_string())?;
+    let mut input = load::read(&args.policies).map_err(|e| e.to_string())?;
+    if args.cluster {
+        let ns = args.workload.split_once('/').map(|(ns, _)| ns.to_owned());
+        let live = super::cluster::with_client(async move |c| {
+            super::cluster::read(&c, ns.as_deref()).await
+        })?;
+        input.objects.extend(live.objects);
+    }
     for f in &input.findings {
         eprintln!("{f}");
     }

@@ -16,7 +16,7 @@ pub struct InventoryArgs {
     #[arg(long, short)]
     namespace: Option<String>,
     /// Read the status files of local mode under this directory (the `--policies` of
-    /// `apiward local serve`). Reading from a cluster comes with the operator.
+    /// `apiward local serve`) instead of the cluster's ApiPolicies.
     #[arg(long, value_name = "DIR")]
     local: Option<PathBuf>,
     /// Output format.
@@ -79,17 +79,51 @@ pub fn print_table(statuses: &[(String, apiward_crds::ApiPolicyStatus)]) {
 }
 
 /// Runs `apiward inventory`.
+/// The statuses of the cluster's ApiPolicies (in `namespace`, or all).
+fn cluster_statuses(
+    namespace: Option<&str>,
+) -> Result<Vec<(String, apiward_crds::ApiPolicyStatus)>, String> {
+    let ns = namespace.map(str::to_owned);
+    let policies = super::cluster::with_client(async move |c| {
+        super::cluster::policies(&c, ns.as_deref()).await
+    })?;
+    Ok(policies
+        .into_iter()
+        .filter_map(|p| {
+            let name = format!(
+                "{}/{}",
+                p.metadata.namespace.as_deref().unwrap_or("default"),
+                p.metadata.name.as_deref().unwrap_or("")
+            );
+            Some((name, p.status?))
+        })
+        .collect())
+}
+
 pub fn run(args: &InventoryArgs) -> ExitCode {
-    let Some(dir) = &args.local else {
-        eprintln!(
-            "apiward inventory: reading a cluster is not available yet; pass --local DIR (the policies directory of `apiward local serve`)"
-        );
-        return ExitCode::from(EXIT_USAGE);
+    let (all, source) = match &args.local {
+        Some(dir) if !dir.is_dir() => {
+            eprintln!("apiward inventory: {} is not a directory", dir.display());
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Some(dir) => (
+            statuses(dir),
+            format!(
+                "under {} (is `apiward local serve` running on it?)",
+                dir.display()
+            ),
+        ),
+        None => match cluster_statuses(args.namespace.as_deref()) {
+            Ok(s) => (
+                s,
+                "in the cluster (has the operator written status yet?)".to_owned(),
+            ),
+            Err(e) => {
+                eprintln!("apiward inventory: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
     };
-    if !dir.is_dir() {
-        eprintln!("apiward inventory: {} is not a directory", dir.display());
-        return ExitCode::from(EXIT_USAGE);
-    }
     let wanted = |name: &str| {
         let ns_ok = args
             .namespace
@@ -101,15 +135,9 @@ pub fn run(args: &InventoryArgs) -> ExitCode {
             .is_none_or(|p| name == p || name.split('/').nth(1) == Some(p));
         ns_ok && name_ok
     };
-    let found: Vec<_> = statuses(dir)
-        .into_iter()
-        .filter(|(n, _)| wanted(n))
-        .collect();
+    let found: Vec<_> = all.into_iter().filter(|(n, _)| wanted(n)).collect();
     if found.is_empty() {
-        eprintln!(
-            "apiward inventory: no status for a matching policy under {} (is `apiward local serve` running on it?)",
-            dir.display()
-        );
+        eprintln!("apiward inventory: no status for a matching policy {source}");
         return ExitCode::from(super::EXIT_FAILED);
     }
     let as_map = || -> std::collections::BTreeMap<&str, Option<&apiward_crds::Inventory>> {

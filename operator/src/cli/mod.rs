@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod check;
+mod cluster;
 #[cfg(feature = "demo")]
 mod demo;
 mod explain;
@@ -54,9 +55,17 @@ pub enum Output {
 /// `apiward check`.
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
-    /// Files or directories (searched recursively for *.yaml / *.yml).
-    #[arg(required = true)]
+    /// Files or directories (searched recursively for *.yaml / *.yml; `-` is standard
+    /// input). With `--cluster`, only their policy tests and extra objects.
+    #[arg(required_unless_present = "cluster")]
     pub paths: Vec<PathBuf>,
+    /// Check the ApiPolicies in force in the cluster (kubeconfig as kubectl), with the
+    /// Secrets and ConfigMaps they reference.
+    #[arg(long)]
+    pub cluster: bool,
+    /// With `--cluster`: only this namespace.
+    #[arg(long, short, requires = "cluster")]
+    pub namespace: Option<String>,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "text")]
     pub output: Output,
