@@ -110,13 +110,9 @@ async fn operator(ca: Ca, tokens: LocalTokens) -> apiward_e2e::Operator {
     start_operator(ca, tokens, any, &["localhost"], Duration::from_secs(3600)).await
 }
 
-async fn status(url: &str) -> u16 {
-    reqwest::get(url).await.map_or(0, |r| r.status().as_u16())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sidecar_follows_its_pushed_config_and_reports_back() {
-    let dir = tempdir("config-push");
+/// An operator, the app of pod `shop/orders-0`, and that pod's token and trust bundle in
+/// `dir` (what the kubelet would mount); returns the trust bundle's path.
+async fn orders_pod(dir: &Path) -> (std::path::PathBuf, SocketAddr, apiward_e2e::Operator) {
     let ca = Ca::generate("cluster.local", now()).unwrap();
     let tokens = LocalTokens::generate().unwrap();
     let token = tokens
@@ -126,7 +122,17 @@ async fn a_sidecar_follows_its_pushed_config_and_reports_back() {
     let ca_file = dir.join("trust-bundle.pem");
     std::fs::write(&ca_file, ca.trust_bundle_pem()).unwrap();
     let app = start_app().await;
-    let op = operator(ca, tokens).await;
+    (ca_file, app, operator(ca, tokens).await)
+}
+
+async fn status(url: &str) -> u16 {
+    reqwest::get(url).await.map_or(0, |r| r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_follows_its_pushed_config_and_reports_back() {
+    let dir = tempdir("config-push");
+    let (ca_file, app, op) = orders_pod(&dir).await;
     let (_shared, bound) = apiward_sidecar::start(&settings(&dir, app, op.addr, &ca_file))
         .await
         .unwrap();
@@ -286,16 +292,7 @@ fn mesh_table(app: &str, octet: u8, sas: &[&str]) -> apiward_policy::mesh::MeshT
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_table_reaches_sidecars_on_their_config_stream() {
     let dir = tempdir("mesh-table");
-    let ca = Ca::generate("cluster.local", now()).unwrap();
-    let tokens = LocalTokens::generate().unwrap();
-    let token = tokens
-        .mint("shop", "orders", Some("orders-0"), AUDIENCE, now(), 3600)
-        .unwrap();
-    std::fs::write(dir.join("token"), token).unwrap();
-    let ca_file = dir.join("trust-bundle.pem");
-    std::fs::write(&ca_file, ca.trust_bundle_pem()).unwrap();
-    let app = start_app().await;
-    let op = operator(ca, tokens).await;
+    let (ca_file, app, op) = orders_pod(&dir).await;
     // Published before the sidecar connects: it arrives with the first config.
     let first = mesh_table("users", 7, &["users"]);
     assert!(op.hub.publish_mesh(&first));

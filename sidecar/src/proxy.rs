@@ -277,7 +277,10 @@ async fn serve_http<IO>(
         let (info, shared, upstream) = (info.clone(), shared2.clone(), upstream.clone());
         // Boxed: hyper keeps the service future inline in every connection's state, so an
         // idle keep-alive connection would carry the whole request pipeline's state machine.
-        Box::pin(async move { Ok::<_, Infallible>(handle(req, &info, &shared, &upstream).await) })
+        let f = async move { Ok::<_, Infallible>(handle(req, &info, &shared, &upstream).await) };
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| eprintln!("TEMP request future size {}", std::mem::size_of_val(&f)));
+        Box::pin(f)
     });
     // The same limits on hyper's builders and hyper-util's (their types differ).
     macro_rules! h2_limits {

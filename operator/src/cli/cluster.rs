@@ -66,12 +66,7 @@ pub async fn read(client: &kube::Client, namespace: Option<&str>) -> Result<Inpu
         input.files += 1;
     }
     for (ns, name) in secrets {
-        let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
-        if let Some(s) = api
-            .get_opt(&name)
-            .await
-            .map_err(|e| format!("cannot read Secret {ns}/{name}: {e}"))?
-        {
+        if let Some(s) = get::<Secret>(client, &ns, &name).await? {
             input.objects.push(Loaded {
                 origin: origin("secrets", &ns, &name),
                 object: Object::Secret(Box::new(s)),
@@ -79,12 +74,7 @@ pub async fn read(client: &kube::Client, namespace: Option<&str>) -> Result<Inpu
         }
     }
     for (ns, name) in config_maps {
-        let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-        if let Some(m) = api
-            .get_opt(&name)
-            .await
-            .map_err(|e| format!("cannot read ConfigMap {ns}/{name}: {e}"))?
-        {
+        if let Some(m) = get::<ConfigMap>(client, &ns, &name).await? {
             input.objects.push(Loaded {
                 origin: origin("configmaps", &ns, &name),
                 object: Object::ConfigMap(Box::new(m)),
@@ -92,6 +82,22 @@ pub async fn read(client: &kube::Client, namespace: Option<&str>) -> Result<Inpu
         }
     }
     Ok(input)
+}
+
+/// One namespaced object, if it exists.
+async fn get<K>(client: &kube::Client, ns: &str, name: &str) -> Result<Option<K>, String>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    Api::<K>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("cannot read {kind} {ns}/{name}: {e}"))
 }
 
 /// Runs `f` with a client for the kubeconfig (as kubectl finds it) on a small runtime.
