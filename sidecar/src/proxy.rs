@@ -277,10 +277,7 @@ async fn serve_http<IO>(
         let (info, shared, upstream) = (info.clone(), shared2.clone(), upstream.clone());
         // Boxed: hyper keeps the service future inline in every connection's state, so an
         // idle keep-alive connection would carry the whole request pipeline's state machine.
-        let f = async move { Ok::<_, Infallible>(handle(req, &info, &shared, &upstream).await) };
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| eprintln!("TEMP request future size {}", std::mem::size_of_val(&f)));
-        Box::pin(f)
+        Box::pin(async move { Ok::<_, Infallible>(handle(req, &info, &shared, &upstream).await) })
     });
     // The same limits on hyper's builders and hyper-util's (their types differ).
     macro_rules! h2_limits {
