@@ -72,6 +72,7 @@ fn the_operators_spans_are_exported_over_otlp() {
         sidecar: serde_json::from_value(serde_json::json!({
             "image": "sidecar:1", "controlUrl": "https://apiward:15012", "trustDomain": "cluster.local"})).unwrap(),
         cert_dir: None,
+        injected: None,
     };
     let review = serde_json::json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",

@@ -121,6 +121,7 @@ impl OperatorArgs {
                 configuration: Some(self.webhook_configuration.clone()).filter(|c| !c.is_empty()),
                 sidecar,
                 cert_dir: self.webhook_cert_dir.clone(),
+                injected: None,
             }),
         })
     }

@@ -107,6 +107,9 @@ pub struct WebhookOptions {
     /// A directory with `tls.crt` and `tls.key` (a mounted cert-manager Secret) to serve
     /// instead of a certificate from the mesh CA; re-read when the files change.
     pub cert_dir: Option<std::path::PathBuf>,
+    /// Told the namespace of every pod injected (the trust bundle must be there before
+    /// the kubelet mounts it).
+    pub injected: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 /// Why a pod is left alone.
@@ -364,6 +367,11 @@ pub fn review(body: &[u8], opts: &WebhookOptions) -> (Value, &'static str) {
         Some(Err(_)) | None => "skipped",
     };
     tracing::Span::current().record("result", result);
+    if result == "injected"
+        && let Some(tx) = &opts.injected
+    {
+        let _ = tx.send(namespace.clone());
+    }
     if result == "error" {
         resp.warnings = Some(vec![
             "apiward could not build the injection patch; the pod is admitted without a sidecar"
@@ -625,10 +633,41 @@ pub async fn start(
     tracing::info!(listen = %opts.listen, "injection webhook serving");
     if let Some(name) = opts.configuration.clone() {
         let bundle = ca.trust_bundle_pem().to_owned();
-        tokio::spawn(keep_ca_bundle(client, name, bundle, leader));
+        tokio::spawn(keep_ca_bundle(client.clone(), name, bundle, leader));
     }
+    let mut opts = opts;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    opts.injected = Some(tx);
+    tokio::spawn(bundle_where_injected(
+        client,
+        ca.trust_bundle_pem().to_owned(),
+        rx,
+    ));
     tokio::spawn(serve(listener, tls, Arc::new(opts), metrics));
     Ok(())
+}
+
+/// Publishes the trust bundle in the namespace of each injected pod, once per namespace
+/// (the leader also keeps it in every namespace labelled for injection). Any replica does
+/// it: the webhook that injected the pod may not be the leader's, and the apply is
+/// idempotent.
+async fn bundle_where_injected(
+    client: kube::Client,
+    bundle: String,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let mut done = std::collections::HashSet::new();
+    while let Some(ns) = rx.recv().await {
+        if done.contains(&ns) {
+            continue;
+        }
+        match crate::identity::kube::publish_trust_bundle(client.clone(), &ns, &bundle).await {
+            Ok(()) => {
+                done.insert(ns);
+            }
+            Err(e) => tracing::warn!(namespace = ns, error = %e, "cannot publish the trust bundle"),
+        }
+    }
 }
 
 /// Sets `caBundle` on every webhook of the configuration to `bundle_pem`. Returns whether

@@ -76,6 +76,7 @@ async fn server_with(tls: Arc<rustls::ServerConfig>, ca_pem: &str) -> Server {
         configuration: None,
         sidecar: template(),
         cert_dir: None,
+        injected: None,
     };
     tokio::spawn(serve(listener, tls, Arc::new(opts), metrics.clone()));
     Server {
@@ -412,4 +413,68 @@ async fn a_mounted_certificate_is_served_and_its_renewal_picked_up() {
     // A directory without the pair is refused at start, with the file named.
     let err = tls_from_dir(dir.clone(), CERT_DIR_POLL).unwrap_err();
     assert!(err.contains("tls.crt"), "{err}");
+}
+
+#[tokio::test]
+async fn an_injected_pods_namespace_gets_the_trust_bundle_once() {
+    // The review tells the namespace of each pod it injects, and only those.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let opts = WebhookOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        namespace: NS.into(),
+        service: "apiward-webhook".into(),
+        configuration: None,
+        sidecar: template(),
+        cert_dir: None,
+        injected: Some(tx),
+    };
+    let body = |pod: &Value, ns: &str| review_of(pod, ns).to_string();
+    assert_eq!(
+        review(body(&app_pod(), "shop").as_bytes(), &opts).1,
+        "injected"
+    );
+    let mut out = app_pod();
+    out["metadata"]["annotations"] = json!({INJECT: "disabled"});
+    assert_eq!(review(body(&out, "billing").as_bytes(), &opts).1, "skipped");
+    assert_eq!(
+        review(body(&app_pod(), "shop").as_bytes(), &opts).1,
+        "injected"
+    );
+    drop(opts);
+
+    // The publisher applies the bundle ConfigMap in `shop` once: exactly one call.
+    let (mock, mut handle) = tower_test::mock::pair::<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >();
+    let client = kube::Client::new(mock, "default");
+    let publisher = tokio::spawn(bundle_where_injected(client, "BUNDLE".into(), {
+        let (ptx, prx) = tokio::sync::mpsc::unbounded_channel();
+        while let Ok(ns) = rx.try_recv() {
+            ptx.send(ns).unwrap();
+        }
+        prx
+    }));
+    let (req, send) = handle.next_request().await.expect("one apply");
+    assert_eq!(req.method(), http::Method::PATCH);
+    assert_eq!(
+        req.uri().path(),
+        "/api/v1/namespaces/shop/configmaps/apiward-trust-bundle"
+    );
+    assert!(req.uri().query().unwrap_or("").contains("fieldManager="));
+    send.send_response(
+        http::Response::builder()
+            .body(kube::client::Body::from(
+                json!({"apiVersion": "v1", "kind": "ConfigMap",
+                       "metadata": {"name": "apiward-trust-bundle", "namespace": "shop"}})
+                .to_string()
+                .into_bytes(),
+            ))
+            .unwrap(),
+    );
+    publisher.await.unwrap();
+    assert!(
+        handle.next_request().await.is_none(),
+        "the second pod in shop did not apply it again, and billing (opted out) never"
+    );
 }
