@@ -47,7 +47,7 @@ pub struct Targets {
 
 /// Decision counters.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct DecisionCounters {
     /// Requests allowed.
     pub allowed: u64,
@@ -65,6 +65,7 @@ pub struct Inventory {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<InventoryEndpoint>,
     /// Totals over all endpoints, including those not listed.
+    #[serde(default)]
     pub summary: InventorySummary,
 }
 
@@ -117,7 +118,8 @@ pub struct InventoryEndpoint {
 
 /// Inventory totals.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+// Tolerant: a status written by another version of the operator still reads.
+#[serde(rename_all = "camelCase", default)]
 pub struct InventorySummary {
     /// Distinct endpoints seen.
     pub endpoints: u32,
