@@ -38,38 +38,42 @@ pub fn traces_url(endpoint: &str) -> String {
 /// Installs the global subscriber: JSON logs, plus OTLP traces to `otlp` when given.
 /// Call before starting a tokio runtime (the exporter's HTTP client has its own).
 pub fn init(service: &str, otlp: Option<&str>) -> Result<Telemetry, String> {
+    let provider = otlp
+        .filter(|e| !e.is_empty())
+        .map(|endpoint| tracer_provider(service, endpoint))
+        .transpose()?;
+    let traces = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("apiward")));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt::layer()
         .json()
         .with_writer(std::io::stderr);
-    let Some(endpoint) = otlp.filter(|e| !e.is_empty()) else {
-        let _ = tracing_subscriber::registry()
-            .with(filter)
-            .with(logs)
-            .try_init();
-        return Ok(Telemetry::default());
-    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(traces)
+        .try_init();
+    Ok(Telemetry { provider })
+}
+
+/// Spans batched to `<endpoint>/v1/traces` over OTLP/HTTP, as `service`.
+fn tracer_provider(
+    service: &str,
+    endpoint: &str,
+) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, String> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_endpoint(traces_url(endpoint))
         .build()
         .map_err(|e| format!("OTLP exporter for {endpoint}: {e}"))?;
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(
             opentelemetry_sdk::Resource::builder()
                 .with_service_name(service.to_owned())
                 .build(),
         )
-        .build();
-    let tracer = provider.tracer("apiward");
-    let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(logs)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
-        .try_init();
-    Ok(Telemetry {
-        provider: Some(provider),
-    })
+        .build())
 }

@@ -9,7 +9,6 @@
 //! `target/helm-venv` (or set `APIWARD_HELM_PYTHON`). Without it these tests fail, loudly.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clap::Parser;
@@ -23,25 +22,11 @@ use kube::core::labels::{Selector, SelectorExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+use common::{python, repo};
 
 fn chart() -> String {
     repo().join("charts/apiward").display().to_string()
-}
-
-/// The Python that has helm-python-sdk.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("APIWARD_HELM_PYTHON") {
-        return p.into();
-    }
-    let venv = repo().join("target/helm-venv/bin/python");
-    if venv.exists() {
-        venv
-    } else {
-        "python3".into()
-    }
 }
 
 /// Runs one job of `charts/tests/helm.py`; its JSON answer.

@@ -5,28 +5,14 @@
 //! `APIWARD_HELM_PYTHON`).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use apiward::compile::{PolicyCondition, PolicyResult};
 use apiward_policy::Report;
 use serde_json::{Value, json};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("APIWARD_HELM_PYTHON") {
-        return p.into();
-    }
-    let venv = repo().join("target/helm-venv/bin/python");
-    if venv.exists() {
-        venv
-    } else {
-        "python3".into()
-    }
-}
+mod common;
+use common::{python, repo};
 
 /// Argo CD's verdict on an ApiPolicy at `generation` with `status`.
 fn argocd_health(generation: i64, status: &Value) -> (String, String) {

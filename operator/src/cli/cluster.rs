@@ -100,13 +100,9 @@ where
         .map_err(|e| format!("cannot read {kind} {ns}/{name}: {e}"))
 }
 
-/// Runs `f` with a client for the kubeconfig (as kubectl finds it) on a small runtime.
+/// Runs `f` with a client for the kubeconfig (as kubectl finds it), on the CLI's runtime.
 pub fn with_client<T>(f: impl AsyncFnOnce(kube::Client) -> Result<T, String>) -> Result<T, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    rt.block_on(async {
+    super::runtime()?.block_on(async {
         let client = kube::Client::try_default()
             .await
             .map_err(|e| format!("no cluster: {e} (KUBECONFIG or ~/.kube/config, as kubectl)"))?;

@@ -22,7 +22,7 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 use super::metrics::OperatorMetrics;
-use crate::index::{Applied, ClusterIndex, RefKind};
+use crate::index::{Applied, ClusterIndex, RefKind, ns_name};
 use crate::serve::config::ConfigHub;
 
 /// One event of one of the watches.
@@ -38,13 +38,6 @@ pub enum SourceEvent {
     ConfigMap(Box<Event<ConfigMap>>),
     /// A `Service` watch event (the mesh table).
     Service(Box<Event<Service>>),
-}
-
-fn ns_name(m: &kube::api::ObjectMeta) -> (String, String) {
-    (
-        m.namespace.clone().unwrap_or_else(|| "default".into()),
-        m.name.clone().unwrap_or_default(),
-    )
 }
 
 /// Applies one event to the index.
@@ -176,8 +169,8 @@ pub async fn run(
             events = batch.len(),
             pods_changed = tracing::field::Empty
         );
-        let _entered = span.enter();
-        let (pods, policies, missing) = {
+        // The span covers the synchronous part only (no await inside).
+        let (pods, policies, missing) = span.in_scope(|| {
             let mut index = index
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -212,7 +205,8 @@ pub async fn run(
                 );
             }
             (pushed, policies, index.missing_refs())
-        };
+        });
+        span.record("pods_changed", pods);
         metrics
             .compile_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -221,8 +215,6 @@ pub async fn run(
                 .ready
                 .store(true, std::sync::atomic::Ordering::Release);
         }
-        span.record("pods_changed", pods);
-        drop(_entered);
         if pods > 0 {
             tracing::info!(pods_changed = pods, "configs published");
         }

@@ -112,7 +112,7 @@ fn pod_facts(p: &Pod) -> Option<PodFacts> {
 impl MeshIndex {
     /// Adds or replaces a Service; whether the table's inputs changed.
     pub fn apply_service(&mut self, s: &Service) -> bool {
-        let k = super::ns_name_of(&s.metadata);
+        let k = super::ns_name(&s.metadata);
         match service_facts(s) {
             Some(f) => self.services.insert(k, f.clone()) != Some(f),
             None => self.services.remove(&k).is_some(),
@@ -128,7 +128,7 @@ impl MeshIndex {
 
     /// Adds or replaces a pod (a finished one is removed).
     pub fn apply_pod(&mut self, p: &Pod) -> bool {
-        let k = super::ns_name_of(&p.metadata);
+        let k = super::ns_name(&p.metadata);
         match pod_facts(p) {
             Some(f) => self.pods.insert(k, f.clone()) != Some(f),
             None => self.pods.remove(&k).is_some(),

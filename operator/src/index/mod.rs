@@ -31,7 +31,8 @@ pub fn key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
-fn ns_name_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+/// `(namespace, name)` of an object (`default` when it names no namespace).
+pub fn ns_name(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
     (
         m.namespace.clone().unwrap_or_else(|| "default".into()),
         m.name.clone().unwrap_or_default(),
@@ -123,7 +124,7 @@ impl ClusterIndex {
     /// Adds or replaces a Service (for the mesh table).
     pub fn apply_service(&mut self, s: &Service) {
         if let Some(seen) = self.relist_services.as_mut() {
-            seen.insert(ns_name_of(&s.metadata));
+            seen.insert(ns_name(&s.metadata));
         }
         self.mesh_dirty |= self.mesh.apply_service(s);
     }
@@ -455,13 +456,6 @@ impl ClusterIndex {
     pub fn policy_uid(&self, pk: &str) -> Option<&str> {
         self.policies.get(pk).and_then(|s| s.uid.as_deref())
     }
-}
-
-fn ns_name(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-    (
-        m.namespace.clone().unwrap_or_else(|| "default".into()),
-        m.name.clone().unwrap_or_default(),
-    )
 }
 
 #[cfg(test)]

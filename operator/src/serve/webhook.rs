@@ -618,7 +618,7 @@ pub fn names(service: &str, namespace: &str) -> Vec<String> {
 /// Starts the webhook server and, when it manages the configuration, the `caBundle` loop.
 pub async fn start(
     client: kube::Client,
-    opts: WebhookOptions,
+    mut opts: WebhookOptions,
     ca: Arc<Ca>,
     metrics: Arc<OperatorMetrics>,
     leader: watch::Receiver<bool>,
@@ -635,7 +635,6 @@ pub async fn start(
         let bundle = ca.trust_bundle_pem().to_owned();
         tokio::spawn(keep_ca_bundle(client.clone(), name, bundle, leader));
     }
-    let mut opts = opts;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     opts.injected = Some(tx);
     tokio::spawn(bundle_where_injected(
