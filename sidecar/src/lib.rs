@@ -26,6 +26,7 @@ pub mod inventory;
 pub mod linger;
 pub mod metrics;
 pub mod outbound;
+pub mod park;
 pub mod proxy;
 pub mod quota_store;
 pub mod settings;

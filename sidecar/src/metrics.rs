@@ -71,6 +71,8 @@ pub struct Metrics {
     pub config_loaded: Gauge,
     /// Open inbound connections.
     pub connections: Gauge,
+    /// Inbound HTTP/1.1 connections waiting for their next request with no HTTP buffers.
+    pub parked_connections: Gauge,
     /// Expiry of the mesh certificate in force, Unix seconds.
     pub identity_expiry: Gauge,
     /// Mesh certificates received.
@@ -168,6 +170,12 @@ impl Metrics {
             "Failed mesh certificate requests",
             identity_failures.clone(),
         );
+        let parked_connections = Gauge::default();
+        registry.register(
+            "parked_connections",
+            "Inbound HTTP/1.1 connections waiting for their next request with no HTTP buffers (parked)",
+            parked_connections.clone(),
+        );
         let upstream_waiting = Gauge::default();
         registry.register(
             "upstream_waiting",
@@ -234,6 +242,7 @@ impl Metrics {
             config_rejected,
             config_loaded,
             connections,
+            parked_connections,
             upstream_waiting,
             identity_expiry,
             identity_renewals,

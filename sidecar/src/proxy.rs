@@ -28,6 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::authn::AuthnError;
 use crate::body::{HeldBody, LimitedBody, ProxyBody, full, json_depth, remove_pointer};
+use crate::park::{Parking, Track, Tracked};
 use crate::state::{Active, Shared};
 
 /// What is known about a connection.
@@ -110,6 +111,8 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, upstream:
         .as_ref()
         .map_or(20_000, |a| a.settings.limits.max_connections);
     let permits = Arc::new(tokio::sync::Semaphore::new(max));
+    // Shared, not cloned: every open connection holds a pointer instead of 656 bytes.
+    let upstream = Arc::new(upstream);
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -124,12 +127,13 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, upstream:
         };
         let shared = shared.clone();
         let upstream = upstream.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let _permit = permit;
             shared.metrics.connections.inc();
             handle_connection(tcp, source, &shared, upstream).await;
             shared.metrics.connections.dec();
-        });
+        };
+        tokio::spawn(task);
     }
 }
 
@@ -137,7 +141,7 @@ async fn handle_connection(
     tcp: TcpStream,
     source: SocketAddr,
     shared: &Arc<Shared>,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
 ) {
     let _ = tcp.set_nodelay(true);
     let Some(active) = shared.active.load_full() else {
@@ -187,7 +191,9 @@ async fn handle_connection(
             // current stage needs, not the largest of every stage's state machine.
             let stream =
                 match tokio::time::timeout(active.timeouts.handshake, Box::pin(handshake)).await {
-                    Ok(Ok(s)) => s,
+                    // Boxed too: the stream (1.2 KiB) then moves through the stages as a
+                    // pointer; moved-from locals keep their space in a future's state.
+                    Ok(Ok(s)) => Box::new(s),
                     Ok(Err(e)) => {
                         tracing::debug!(%source, error = %e, "TLS handshake failed");
                         return fail("handshake_failed");
@@ -255,29 +261,35 @@ async fn serve_http<IO>(
     proto: Proto,
     info: ConnInfo,
     shared: &Arc<Shared>,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (header_timeout, streams, max_header) =
-        shared
-            .active
-            .load()
-            .as_ref()
-            .map_or((Duration::from_secs(10), 256, 65536), |a| {
-                (
-                    a.timeouts.header_read,
-                    a.settings.limits.max_concurrent_streams,
-                    a.settings.limits.max_header_bytes,
-                )
-            });
+    let (header_timeout, park_after, streams, max_header) = shared.active.load().as_ref().map_or(
+        (Duration::from_secs(10), Duration::ZERO, 256, 65536),
+        |a| {
+            (
+                a.timeouts.header_read,
+                a.timeouts.park_idle_after,
+                a.settings.limits.max_concurrent_streams,
+                a.settings.limits.max_header_bytes,
+            )
+        },
+    );
     let info = Arc::new(info);
+    // HTTP/1.1 over TLS is served in generations that park while idle (see `park`).
+    let track = matches!(proto, Proto::Http1).then(Track::new);
     let shared2 = shared.clone();
+    let track2 = track.clone();
     let svc = hyper::service::service_fn(move |req| {
+        let guard = track2.as_ref().map(|t| t.begin(&req));
         let (info, shared, upstream) = (info.clone(), shared2.clone(), upstream.clone());
         // Boxed: hyper keeps the service future inline in every connection's state, so an
         // idle keep-alive connection would carry the whole request pipeline's state machine.
-        Box::pin(async move { Ok::<_, Infallible>(handle(req, &info, &shared, &upstream).await) })
+        Box::pin(async move {
+            let resp = handle(req, &info, &shared, &upstream).await;
+            Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, guard)))
+        })
     });
     // The same limits on hyper's builders and hyper-util's (their types differ).
     macro_rules! h2_limits {
@@ -300,26 +312,33 @@ async fn serve_http<IO>(
     }
     // Closing drains what the client still sends, so a refusal sent before its body was
     // read reaches it instead of a reset.
-    let io = TokioIo::new(crate::linger::Lingering::new(io));
-    let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match proto {
-        Proto::Http1 => h1_limits!(hyper::server::conn::http1::Builder::new())
-            .serve_connection(io, svc)
-            .with_upgrades()
-            .await
-            .map_err(Into::into),
-        Proto::Http2 => {
-            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            h2_limits!(b);
-            Box::pin(b.serve_connection(io, svc))
+    let io = crate::linger::Lingering::new(io);
+    let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match (proto, track) {
+        (Proto::Http1, Some(track)) => {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            h1_limits!(b);
+            let parking = Parking {
+                after: park_after,
+                header_timeout,
+                parked: shared.metrics.parked_connections.clone(),
+            };
+            crate::park::serve_http1(io, svc, track, &b, parking)
                 .await
                 .map_err(Into::into)
         }
-        Proto::Detect => {
+        (Proto::Http2, _) => {
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            h2_limits!(b);
+            Box::pin(b.serve_connection(TokioIo::new(io), svc))
+                .await
+                .map_err(Into::into)
+        }
+        (Proto::Detect | Proto::Http1, _) => {
             let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             h1_limits!(b.http1());
             let mut h2 = b.http2();
             h2_limits!(h2);
-            Box::pin(b.serve_connection_with_upgrades(io, svc)).await
+            Box::pin(b.serve_connection_with_upgrades(TokioIo::new(io), svc)).await
         }
     };
     if let Err(e) = ended {

@@ -147,6 +147,11 @@ pub struct Limits {
     /// Idle keep-alive connections to the app are closed after this.
     #[serde(default = "default_idle")]
     pub upstream_idle_timeout: String,
+    /// An inbound HTTP/1.1 keep-alive connection idle this long gives back its HTTP
+    /// buffers (about 16 KiB) until the caller's next request (default `2ms`, so
+    /// back-to-back requests skip it; `0s` parks at once).
+    #[serde(default = "default_park")]
+    pub park_idle_after: String,
     /// Most HTTP/1.1 requests in flight to the app, and so most connections to it; more
     /// requests wait for one to finish (within their timeout). Bounds the sidecar's memory
     /// when many callers arrive at once.
@@ -175,6 +180,9 @@ fn default_header_timeout() -> String {
 fn default_idle() -> String {
     "90s".into()
 }
+fn default_park() -> String {
+    "2ms".into()
+}
 fn default_streams() -> u32 {
     256
 }
@@ -200,6 +208,8 @@ pub struct Timeouts {
     pub handshake: Duration,
     /// Idle upstream connections.
     pub upstream_idle: Duration,
+    /// Idle inbound HTTP/1.1 connections park after this.
+    pub park_idle_after: Duration,
 }
 
 /// A settings file that cannot be used.
@@ -333,6 +343,7 @@ impl Settings {
                 "limits.upstreamIdleTimeout",
                 &self.limits.upstream_idle_timeout,
             )?,
+            park_idle_after: d("limits.parkIdleAfter", &self.limits.park_idle_after)?,
         })
     }
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -1162,4 +1163,210 @@ async fn kubelet_probes_reach_the_app_through_the_admin_port_under_default_deny(
         "a closed port fails"
     );
     assert_eq!(status("/app-health/other/readyz").await, 404);
+}
+
+/// A raw TLS connection to the sidecar as `shop/checkout`, speaking HTTP/1.1.
+async fn tls_connect(e: &Env) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let id = e.pki.client("shop", "checkout");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(e.pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(id.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(certs, key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp =
+        tokio::net::TcpStream::connect(format!("127.0.0.1:{}", e.base.rsplit(':').next().unwrap()))
+            .await
+            .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body: (status line and headers, body).
+async fn read_response(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .expect("a response within 5 s")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "connection closed mid-head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "keep-alive was turned off: {head}"
+    );
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("a content-length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    (head, body)
+}
+
+/// The value of an unlabelled sample in a Prometheus text exposition.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from\n{metrics}"))
+}
+
+/// An idle keep-alive connection gives back its HTTP buffers (it is counted as parked) and
+/// serves its next request on the same TLS session, whatever arrives: a whole request, a
+/// request split around an idle gap (the bytes read before it are kept), or two pipelined
+/// requests. Past the header-read timeout it is closed, as an unparked one would be.
+#[tokio::test]
+async fn idle_keep_alive_connections_park_and_serve_their_next_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = env_with(
+        "park",
+        |_| {},
+        |s| s["limits"] = json!({"parkIdleAfter": "20ms", "headerReadTimeout": "2s"}),
+    )
+    .await;
+    let metrics = format!("{}/metrics", e.admin);
+    let parked = || async {
+        sample(
+            &reqwest::get(&metrics).await.unwrap().text().await.unwrap(),
+            "apiward_sidecar_parked_connections",
+        )
+    };
+    let mut s = tls_connect(&e).await;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: users\r\nX-Test: park\r\n\r\n");
+    let before = e.app_hits.load(Ordering::SeqCst);
+
+    s.write_all(get("/users/1").as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"id\":\"1\""),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(parked().await, 1.0, "the idle connection is parked");
+
+    // A request, then the first part of the next head, then an idle gap longer than
+    // parkIdleAfter: the part read before parking is kept.
+    let req = get("/users/2");
+    let (a, b) = req.split_at(20);
+    s.write_all(format!("{}{a}", get("/users/5")).as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("\"id\":\"5\""));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b.as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("\"id\":\"2\""));
+
+    // Two pipelined requests in one write: two answers, in order.
+    s.write_all(format!("{}{}", get("/users/3"), get("/users/4")).as_bytes())
+        .await
+        .unwrap();
+    for n in ["\"id\":\"3\"", "\"id\":\"4\""] {
+        let (head, body) = read_response(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(String::from_utf8_lossy(&body).contains(n), "{n}");
+    }
+    assert_eq!(e.app_hits.load(Ordering::SeqCst), before + 5);
+
+    // A body-carrying request, then a GET, on the same connection.
+    let post = "POST /orders HTTP/1.1\r\nHost: users\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n{\"a\": 1}\n";
+    s.write_all(post.as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"bodyBytes\":9"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(get("/users/6").as_bytes()).await.unwrap();
+    assert!(read_response(&mut s).await.0.starts_with("HTTP/1.1 200"));
+
+    // Idle past headerReadTimeout: closed with a TLS close_notify, and no longer counted.
+    let idle = Instant::now();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the sidecar closes an idle connection")
+        .unwrap();
+    assert_eq!(n, 0, "nothing more was sent");
+    let waited = idle.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "closed after {waited:?}"
+    );
+    assert_eq!(parked().await, 0.0);
+}
+
+/// A WebSocket over mTLS (where idle HTTP/1.1 connections park): the upgraded stream is
+/// tunnelled, and a pause longer than the park delay does not end it.
+#[tokio::test]
+async fn websocket_over_tls_is_tunnelled_and_never_parked() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = env_with("websocket-tls", streaming_rule, |s| {
+        s["limits"] = json!({"parkIdleAfter": "10ms"})
+    })
+    .await;
+    let mut s = tls_connect(&e).await;
+    let ok = e.bearer(json!({"sub": "42", "scope": "stream"}));
+    s.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: users\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Authorization: {ok}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    for msg in [&b"\x81\x05hello"[..], &[0x82, 3, 1, 2, 3]] {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .expect("echo arrives")
+            .unwrap();
+        assert_eq!(back, msg);
+    }
 }
