@@ -208,7 +208,7 @@ pub struct Parking {
 }
 
 /// Serves HTTP/1.1 on `io` in generations (see the module docs). `builder` carries the
-/// connection limits; its header-read timeout is set here. `track` must be the tracker the
+/// connection limits, and its header-read timeout should be `parking.header_timeout`. `track` must be the tracker the
 /// service's [`Track::begin`] calls use.
 pub async fn serve_http1<IO, S>(
     io: IO,
@@ -251,15 +251,13 @@ where
                 }
             }
         }
-        let mut b = builder.clone();
-        b.header_read_timeout(
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1)),
-        );
         // Boxed: a parked connection frees hyper's state, not only its buffers.
-        let mut conn = Box::new(b.serve_connection(TokioIo::new(io), svc).with_upgrades());
-        let Some(parked_at) = drive(&mut conn, &track, parking.after).await? else {
+        let mut conn = Box::new(
+            builder
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades(),
+        );
+        let Some(parked_at) = drive(&mut conn, &track, parking.after, deadline).await? else {
             return Ok(());
         };
         let Some(parts) = conn.into_parts() else {
@@ -294,11 +292,14 @@ impl Drop for Parked<'_> {
     }
 }
 
-/// Polls a connection until it ends (`None`) or has been parked (`Some(when)`).
+/// Polls a connection until it ends (`None`) or has been parked (`Some(when)`). Its first
+/// request head must be complete by `first_head_by` (the idle deadline it was parked with;
+/// hyper's own header-read timer, full length, covers the requests after it).
 async fn drive<IO, S>(
     conn: &mut http1::UpgradeableConnection<TokioIo<Parkable<IO>>, S>,
     track: &Track,
     after: Duration,
+    first_head_by: Instant,
 ) -> Result<Option<Instant>, hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -307,13 +308,20 @@ where
     S::Future: Unpin + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let timer = tokio::time::sleep(after);
+    /// What the timer is set for.
+    #[derive(PartialEq)]
+    enum Armed {
+        Nothing,
+        FirstHead,
+        /// Parking, once idle since this many requests.
+        Idle(u64),
+    }
+    let timer = tokio::time::sleep_until(first_head_by);
     tokio::pin!(timer);
+    let mut armed = Armed::Nothing;
     // hyper treats a new connection as busy until its first response is done: parking it
     // earlier would only turn keep-alive off. So a generation parks after one request.
     let first = track.requests.load(Ordering::Relaxed);
-    // The request count the timer was armed for.
-    let mut armed: Option<u64> = None;
     let mut parked_at: Option<Instant> = None;
     std::future::poll_fn(|cx| {
         loop {
@@ -324,14 +332,26 @@ where
                 return Poll::Pending;
             }
             let seen = track.requests.load(Ordering::Relaxed);
-            if seen == first || !track.idle() {
-                armed = None;
+            if seen == first {
+                // Still reading the first head: as slow as a slowloris may be, it had
+                // the idle time before it too. Closed without an answer, as hyper would.
+                if armed != Armed::FirstHead {
+                    timer.as_mut().reset(first_head_by);
+                    armed = Armed::FirstHead;
+                }
+                return match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Ok(None)),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            if !track.idle() {
+                armed = Armed::Nothing;
                 return Poll::Pending;
             }
             if !after.is_zero() {
-                if armed != Some(seen) {
+                if armed != Armed::Idle(seen) {
                     timer.as_mut().reset(Instant::now() + after);
-                    armed = Some(seen);
+                    armed = Armed::Idle(seen);
                 }
                 if timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
