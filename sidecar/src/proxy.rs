@@ -368,7 +368,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 fn request_id(headers: &HeaderMap, shared: &Shared) -> String {
-    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok())
+    if let Some(id) = headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok())
         && !id.is_empty()
         && id.len() <= 128
         && id
@@ -505,7 +505,7 @@ pub fn refusal(status: StatusCode, code: &str, request_id: &str) -> Response<Pro
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("x-request-id", v);
+        h.insert(X_REQUEST_ID, v);
     }
     if status == StatusCode::UNAUTHORIZED {
         let v = if code.starts_with("token_") {
@@ -523,19 +523,41 @@ pub fn refusal(status: StatusCode, code: &str, request_id: &str) -> Response<Pro
     r
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+/// Header names the pipeline sets or reads, parsed once: inserting a custom name given as
+/// a string allocates a copy of it on every request.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_POWERED_BY: HeaderName = HeaderName::from_static("x-powered-by");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const DEPRECATION: HeaderName = HeaderName::from_static("deprecation");
+const SUNSET: HeaderName = HeaderName::from_static("sunset");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
 ];
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names instead of a lookup per name.
+    let any = h
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || (!keep_upgrade && k == header::UPGRADE));
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -547,7 +569,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     for n in named {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
     if !keep_upgrade {
@@ -893,9 +915,8 @@ async fn forward(
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
     // Identity headers: remove every incoming copy, then set what was verified.
-    let identity_header = active.settings.identity_header.as_str();
-    parts.headers.remove(identity_header);
-    let mut forwarded: Vec<(String, String)> = Vec::new();
+    parts.headers.remove(&active.identity_header);
+    let mut forwarded: Vec<(HeaderName, String)> = Vec::new();
     for id in port.map(|p| p.jwt_providers.as_slice()).unwrap_or_default() {
         if let Some(v) = active.jwt.get(id) {
             for (claim, h) in &v.provider.forward_claims {
@@ -903,37 +924,35 @@ async fn forward(
                 if let Some((pid, claims)) = &caller.jwt
                     && pid == id
                     && let Some(val) = apiward_policy::engine::claim_str(claims.get(claim))
+                    && let Ok(n) = HeaderName::from_bytes(h.as_bytes())
                 {
-                    forwarded.push((h.clone(), val.into_owned()));
+                    forwarded.push((n, val.into_owned()));
                 }
             }
         }
     }
     if let Some(p) = apiward_policy::engine::principal_of(&caller.identity(info)) {
-        forwarded.push((identity_header.to_owned(), p));
+        forwarded.push((active.identity_header.clone(), p));
     }
-    for (h, v) in forwarded {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(h.as_bytes()),
-            HeaderValue::from_str(&v),
-        ) {
+    for (n, v) in forwarded {
+        if let Ok(v) = HeaderValue::from_str(&v) {
             parts.headers.insert(n, v);
         }
     }
     if let Ok(v) = HeaderValue::from_str(rid) {
-        parts.headers.insert("x-request-id", v);
+        parts.headers.insert(X_REQUEST_ID, v);
     }
     let source = info.source.ip().to_canonical().to_string();
     let xff = match parts
         .headers
-        .get("x-forwarded-for")
+        .get(&X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok())
     {
         Some(prev) => format!("{prev}, {source}"),
         None => source,
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        parts.headers.insert("x-forwarded-for", v);
+        parts.headers.insert(X_FORWARDED_FOR, v);
     }
     let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
         parts
@@ -1039,7 +1058,7 @@ async fn forward(
             });
         }
         let (mut rp, _) = resp.into_parts();
-        rp.headers.remove("server");
+        rp.headers.remove(header::SERVER);
         return Response::from_parts(rp, full(Bytes::new()));
     }
     filter_response(resp, slot, port, decision, rid, active, shared).await
@@ -1066,27 +1085,25 @@ async fn filter_response(
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    let defaults = ["server", "x-powered-by"];
+    parts.headers.remove(header::SERVER);
+    parts.headers.remove(X_POWERED_BY);
     for h in port
         .map(|p| p.response.remove_headers.as_slice())
         .unwrap_or_default()
-        .iter()
-        .map(String::as_str)
-        .chain(defaults)
     {
-        parts.headers.remove(h);
+        parts.headers.remove(h.as_str());
     }
     if let Ok(v) = HeaderValue::from_str(rid) {
-        parts.headers.insert("x-request-id", v);
+        parts.headers.insert(X_REQUEST_ID, v);
     }
     if decision.deprecated {
         parts
             .headers
-            .insert("deprecation", HeaderValue::from_static("true"));
+            .insert(DEPRECATION, HeaderValue::from_static("true"));
         if let Some(s) = decision.sunset_unix
             && let Ok(v) = HeaderValue::from_str(&http_date(s))
         {
-            parts.headers.insert("sunset", v);
+            parts.headers.insert(SUNSET, v);
         }
     }
     rate_limit_headers(&mut parts.headers, decision);
@@ -1152,27 +1169,44 @@ fn rate_limit_headers(h: &mut HeaderMap, d: &Decision<'_>) {
     let Some(q) = &d.quota else { return };
     let v = &q.verdict;
     let reset = v.reset_ms.div_ceil(1000);
-    let mut set = |name: &'static str, value: String| {
-        if let Ok(val) = HeaderValue::from_str(&value) {
-            h.insert(name, val);
+    let name = &q.quota.name;
+    let mut set = |n: HeaderName, value: Option<HeaderValue>| {
+        if let Some(val) = value {
+            h.insert(n, val);
         }
     };
     set(
-        "ratelimit-policy",
-        format!("\"{}\";q={};w={}", q.quota.name, v.limit, q.window_seconds),
+        RATELIMIT_POLICY,
+        formatted(format_args!(
+            "\"{name}\";q={};w={}",
+            v.limit, q.window_seconds
+        )),
     );
     set(
-        "ratelimit",
-        format!("\"{}\";r={};t={}", q.quota.name, v.remaining, reset),
+        RATELIMIT,
+        formatted(format_args!("\"{name}\";r={};t={reset}", v.remaining)),
     );
-    set("x-ratelimit-limit", v.limit.to_string());
-    set("x-ratelimit-remaining", v.remaining.to_string());
-    set("x-ratelimit-reset", reset.to_string());
+    set(X_RATELIMIT_LIMIT, Some(HeaderValue::from(v.limit)));
+    set(X_RATELIMIT_REMAINING, Some(HeaderValue::from(v.remaining)));
+    set(X_RATELIMIT_RESET, Some(HeaderValue::from(reset)));
     if !v.allowed {
         set(
-            "retry-after",
-            v.retry_after_ms.div_ceil(1000).max(1).to_string(),
+            header::RETRY_AFTER,
+            Some(HeaderValue::from(v.retry_after_ms.div_ceil(1000).max(1))),
         );
+    }
+}
+
+/// A header value formatted on the stack (a heap string only when it is long).
+fn formatted(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+    let mut buf = [0u8; 160];
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    match std::io::Write::write_fmt(&mut cur, args) {
+        Ok(()) => {
+            let n = cur.position() as usize;
+            HeaderValue::from_bytes(&buf[..n]).ok()
+        }
+        Err(_) => HeaderValue::from_str(&args.to_string()).ok(),
     }
 }
 

@@ -38,6 +38,8 @@ pub struct Active {
     pub api_keys: HashMap<String, ApiKeySet>,
     /// Parsed limit durations.
     pub timeouts: Timeouts,
+    /// `identityHeader`, parsed once.
+    pub identity_header: http::HeaderName,
     /// Outbound routes (meshed peers and the egress policy), when configured.
     pub outbound: Option<Arc<crate::outbound::Routes>>,
     /// The Global quota store, when configured (kept across reloads that do not change it).
@@ -209,6 +211,13 @@ pub fn load(
 ) -> Result<Active, String> {
     let settings = Settings::load(path).map_err(|e| e.to_string())?;
     let timeouts = settings.timeouts().map_err(|(f, m)| format!("{f}: {m}"))?;
+    let identity_header = http::HeaderName::from_bytes(settings.identity_header.as_bytes())
+        .map_err(|_| {
+            format!(
+                "identityHeader: {:?} is not a valid header name",
+                settings.identity_header
+            )
+        })?;
     // The policy: inline (standalone mode) or the last one the operator pushed.
     let config = settings.policy.clone().or_else(|| pushed.cloned());
     let engine = config
@@ -311,6 +320,7 @@ pub fn load(
         jwt,
         api_keys,
         timeouts,
+        identity_header,
         outbound,
         global_quotas,
     })
