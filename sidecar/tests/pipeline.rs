@@ -859,6 +859,12 @@ async fn a_malformed_config_is_refused_at_start_with_the_field() {
         err.contains("limits.headerReadTimeout") && err.contains("invalid duration"),
         "{err}"
     );
+    std::fs::write(&bad, "inbound: {port: 8080}\nidentityHeader: \"x user\"\n").unwrap();
+    let err = apiward_sidecar::start(&bad).await.unwrap_err().to_string();
+    assert!(
+        err.contains("identityHeader") && err.contains("not a valid header name"),
+        "{err}"
+    );
     std::fs::write(&bad, "inbound: {port: 8080, listn: 1}\n").unwrap();
     let err = apiward_sidecar::start(&bad).await.unwrap_err().to_string();
     assert!(err.contains("unknown field `listn`"), "{err}");
