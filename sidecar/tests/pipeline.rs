@@ -931,7 +931,7 @@ fn streaming_rule(p: &mut Value) {
 }
 
 /// Reads an HTTP/1.1 response head from a raw stream.
-async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+async fn read_head(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
     use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
     let mut b = [0u8; 1];
@@ -946,19 +946,40 @@ async fn read_head(s: &mut tokio::net::TcpStream) -> String {
     String::from_utf8(head).unwrap()
 }
 
+/// A WebSocket handshake for `/ws`, with an `Authorization` header when given.
+fn ws_handshake(auth: Option<String>) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: users\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{}\r\n",
+        auth.map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default()
+    )
+}
+
+/// Sends two frames on an upgraded stream, each after `pause`, and expects them echoed.
+async fn echo_frames(
+    s: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    pause: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for msg in [&b"\x81\x05hello"[..], &[0x82, 3, 1, 2, 3]] {
+        tokio::time::sleep(pause).await;
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .expect("echo arrives")
+            .unwrap();
+        assert_eq!(back, msg);
+    }
+}
+
 #[tokio::test]
 async fn websocket_upgrade_is_decided_first_then_tunnelled() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let e = env("websocket", streaming_rule).await;
     let addr = format!("127.0.0.1:{}", e.base.rsplit(':').next().unwrap());
-    let handshake = |auth: Option<String>| {
-        format!(
-            "GET /ws HTTP/1.1\r\nHost: users\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{}\r\n",
-            auth.map(|a| format!("Authorization: {a}\r\n"))
-                .unwrap_or_default()
-        )
-    };
+    let handshake = ws_handshake;
     // No credentials: refused before the app sees it, and nothing is tunnelled.
     let before = e.app_hits.load(Ordering::SeqCst);
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -980,15 +1001,7 @@ async fn websocket_upgrade_is_decided_first_then_tunnelled() {
     let head = read_head(&mut s).await.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
-    for msg in [&b"\x81\x05hello"[..], &[0x82, 3, 1, 2, 3]] {
-        s.write_all(msg).await.unwrap();
-        let mut back = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
-            .await
-            .expect("echo arrives")
-            .unwrap();
-        assert_eq!(back, msg);
-    }
+    echo_frames(&mut s, Duration::ZERO).await;
 }
 
 #[tokio::test]
@@ -1342,92 +1355,17 @@ async fn idle_keep_alive_connections_park_and_serve_their_next_requests() {
 /// tunnelled, and a pause longer than the park delay does not end it.
 #[tokio::test]
 async fn websocket_over_tls_is_tunnelled_and_never_parked() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let e = env_with("websocket-tls", streaming_rule, |s| {
         s["limits"] = json!({"parkIdleAfter": "10ms"})
     })
     .await;
     let mut s = tls_connect(&e).await;
     let ok = e.bearer(json!({"sub": "42", "scope": "stream"}));
-    s.write_all(
-        format!(
-            "GET /ws HTTP/1.1\r\nHost: users\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Authorization: {ok}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(s.read_u8().await.unwrap());
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    s.write_all(ws_handshake(Some(ok)).as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
-    for msg in [&b"\x81\x05hello"[..], &[0x82, 3, 1, 2, 3]] {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        s.write_all(msg).await.unwrap();
-        let mut back = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
-            .await
-            .expect("echo arrives")
-            .unwrap();
-        assert_eq!(back, msg);
-    }
-}
-
-/// Over TLS (where connections park), the header-read timeout counts from when a
-/// connection went idle, for a parked connection as for one that is not: a head trickled
-/// after an idle pause is cut off on time, and a connection that waited before its first
-/// request still gets the whole timeout for the next one.
-#[tokio::test]
-async fn header_read_timeout_counts_from_idle_over_tls() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: users\r\n\r\n");
-    let e = env_with(
-        "park-timeouts",
-        |_| {},
-        |s| s["limits"] = json!({"headerReadTimeout": "1s"}),
-    )
-    .await;
-    // Served, then idle 700 ms, then a head one byte per 100 ms: closed about 1 s after
-    // the response, without an answer.
-    let mut s = tls_connect(&e).await;
-    s.write_all(get("/users/1").as_bytes()).await.unwrap();
-    assert!(read_response(&mut s).await.0.starts_with("HTTP/1.1 200"));
-    let idle = Instant::now();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let before = e.app_hits.load(Ordering::SeqCst);
-    for b in get("/users/2").bytes() {
-        if s.write_all(&[b]).await.is_err() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
-    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
-    assert_eq!(e.app_hits.load(Ordering::SeqCst), before);
-    let closed = idle.elapsed();
-    assert!(
-        closed < Duration::from_millis(1600),
-        "the trickled head was allowed {closed:?} after idle (timeout 1s)"
-    );
-
-    // No parking after requests here: hyper's own timer governs the idle time after the
-    // first request, and it is the full timeout even though the first request came late.
-    let e = env_with(
-        "park-timeouts-late",
-        |_| {},
-        |s| s["limits"] = json!({"headerReadTimeout": "1s", "parkIdleAfter": "1h"}),
-    )
-    .await;
-    let mut s = tls_connect(&e).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    s.write_all(get("/users/1").as_bytes()).await.unwrap();
-    assert!(read_response(&mut s).await.0.starts_with("HTTP/1.1 200"));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    s.write_all(get("/users/2").as_bytes()).await.unwrap();
-    assert!(read_response(&mut s).await.0.starts_with("HTTP/1.1 200"));
+    echo_frames(&mut s, Duration::from_millis(100)).await;
 }
