@@ -1369,3 +1369,58 @@ async fn websocket_over_tls_is_tunnelled_and_never_parked() {
     assert!(head.starts_with("http/1.1 101"), "{head}");
     echo_frames(&mut s, Duration::from_millis(100)).await;
 }
+
+/// Over TLS (where connections park), the header-read timeout counts from when a
+/// connection went idle, for a parked connection as for one that is not: a head trickled
+/// after an idle pause is cut off on time, and a connection that waited before its first
+/// request still gets the whole timeout for the next one.
+#[tokio::test]
+async fn header_read_timeout_counts_from_idle_over_tls() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: users\r\n\r\n");
+    let e = env_with(
+        "park-timeouts",
+        |_| {},
+        |s| s["limits"] = json!({"headerReadTimeout": "1s"}),
+    )
+    .await;
+    // Served, then idle 700 ms, then a head one byte per 100 ms: closed about 1 s after
+    // the response, without an answer.
+    let mut s = tls_connect(&e).await;
+    s.write_all(get("/users/1").as_bytes()).await.unwrap();
+    assert!(read_response(&mut s).await.0.starts_with("HTTP/1.1 200"));
+    let idle = Instant::now();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = e.app_hits.load(Ordering::SeqCst);
+    for b in get("/users/2").bytes() {
+        if s.write_all(&[b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert_eq!(e.app_hits.load(Ordering::SeqCst), before);
+    let closed = idle.elapsed();
+    assert!(
+        closed < Duration::from_millis(1600),
+        "the trickled head was allowed {closed:?} after idle (timeout 1s)"
+    );
+
+    // No parking after requests here: hyper's own timer governs the idle time after the
+    // first request, and it is the full timeout even though the first request came late.
+    let e = env_with(
+        "park-timeouts-late",
+        |_| {},
+        |s| s["limits"] = json!({"headerReadTimeout": "1s", "parkIdleAfter": "1h"}),
+    )
+    .await;
+    let mut s = tls_connect(&e).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.write_all(get("/users/1").as_bytes()).await.unwrap();
+    assert!(read_response(&mut s).await.0.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.write_all(get("/users/2").as_bytes()).await.unwrap();
+    assert!(read_response(&mut s).await.0.starts_with("HTTP/1.1 200"));
+}
