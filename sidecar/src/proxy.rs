@@ -127,13 +127,12 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, upstream:
         };
         let shared = shared.clone();
         let upstream = upstream.clone();
-        let task = async move {
+        tokio::spawn(async move {
             let _permit = permit;
             shared.metrics.connections.inc();
             handle_connection(tcp, source, &shared, upstream).await;
             shared.metrics.connections.dec();
-        };
-        tokio::spawn(task);
+        });
     }
 }
 
@@ -920,11 +919,14 @@ async fn forward(
     for id in port.map(|p| p.jwt_providers.as_slice()).unwrap_or_default() {
         if let Some(v) = active.jwt.get(id) {
             for (claim, h) in &v.provider.forward_claims {
-                parts.headers.remove(h.as_str());
+                // A name that does not parse cannot be in the request either.
+                let Ok(n) = HeaderName::from_bytes(h.as_bytes()) else {
+                    continue;
+                };
+                parts.headers.remove(&n);
                 if let Some((pid, claims)) = &caller.jwt
                     && pid == id
                     && let Some(val) = apiward_policy::engine::claim_str(claims.get(claim))
-                    && let Ok(n) = HeaderName::from_bytes(h.as_bytes())
                 {
                     forwarded.push((n, val.into_owned()));
                 }

@@ -270,6 +270,7 @@ impl Settings {
             message,
         };
         s.timeouts().map_err(|(f, m)| invalid(f, m))?;
+        s.identity_header_name().map_err(|(f, m)| invalid(f, m))?;
         if let Some(p) = &s.policy {
             if p.api_version != SIDECAR_CONFIG_API_VERSION {
                 return Err(invalid(
@@ -329,6 +330,16 @@ impl Settings {
             ));
         }
         Ok(s)
+    }
+
+    /// `identityHeader` as a header name.
+    pub fn identity_header_name(&self) -> Result<http::HeaderName, (&'static str, String)> {
+        http::HeaderName::from_bytes(self.identity_header.as_bytes()).map_err(|_| {
+            (
+                "identityHeader",
+                format!("{:?} is not a valid header name", self.identity_header),
+            )
+        })
     }
 
     /// The limits' durations.

@@ -211,13 +211,9 @@ pub fn load(
 ) -> Result<Active, String> {
     let settings = Settings::load(path).map_err(|e| e.to_string())?;
     let timeouts = settings.timeouts().map_err(|(f, m)| format!("{f}: {m}"))?;
-    let identity_header = http::HeaderName::from_bytes(settings.identity_header.as_bytes())
-        .map_err(|_| {
-            format!(
-                "identityHeader: {:?} is not a valid header name",
-                settings.identity_header
-            )
-        })?;
+    let identity_header = settings
+        .identity_header_name()
+        .map_err(|(f, m)| format!("{f}: {m}"))?;
     // The policy: inline (standalone mode) or the last one the operator pushed.
     let config = settings.policy.clone().or_else(|| pushed.cloned());
     let engine = config
