@@ -3,6 +3,39 @@
 //! Schema bounds (lengths, list sizes, enums, patterns) and CEL rules live on the types, so
 //! the API server refuses bad objects at admission; [`crate::validate`] repeats every rule
 //! and adds the ones CEL cannot express (template and duration syntax, CIDRs, URLs).
+//!
+//! # What runs where at admission
+//!
+//! - **Schema** (types, enums, patterns, lengths, list sizes): the API server.
+//! - **CEL**: only rules that are cheap and local to one object: `has()` tests, scalar and
+//!   enum comparisons, `size()`, and at most one macro over a short list of the same
+//!   object. Rules that relate one part of the spec to another (a rule's `bind` to its
+//!   paths, `from[].jwt.provider` and `apiKeys` to `authentication`) are checked by the
+//!   operator's validating webhook, which runs [`crate::validate`] — exactly what
+//!   `apiward check` runs.
+//!
+//! # The CEL budget
+//!
+//! The API server estimates each rule's worst case when the CRD is created: the cost of
+//! one evaluation (a field read costs 1, `==` on strings 0.1 per byte of the shorter side,
+//! a macro its list's `maxItems` times its body, strings sized `maxLength` x 4 bytes)
+//! times the rule's cardinality (the product of the `maxItems` of the lists around it),
+//! and refuses the CRD above 10,000,000 for one rule or 100,000,000 for all of them.
+//! Every field a rule reads is bounded (`maxLength` on the enums compared, too). Today's
+//! figures, from `crds/tests/cel_cost.rs`, which fails when a rule or the total exceeds a
+//! tenth of those budgets:
+//!
+//! | rules on | one evaluation | x cardinality | = estimate |
+//! |---|---|---|---|
+//! | `rules[].from[]` (2 rules) | 16 | 256 x 16 | 65,536 each |
+//! | `rules[]` bind needs JWTs (`from.all`, 16 items) | 96 | 256 | 24,576 |
+//! | `rules[].bind[]` | 9 | 256 x 8 | 18,432 |
+//! | `api.endpoints[]` sunset | 7 | 1,024 | 7,168 |
+//! | `quotas[]`, `.key`, `.limit` (8 rules) | 8-24 | 64 | 512-1,536 |
+//! | the whole schema | | | 191,216 (0.19 % of 100,000,000) |
+//!
+//! Before this split one rule (`bind` against every path) was estimated at 22 billion and
+//! the `apiKeys` reference rule at 188 million; a real kube-apiserver refused the CRD.
 
 use std::collections::BTreeMap;
 
@@ -63,11 +96,6 @@ pub const HEADER_PATTERN: &str = "^[a-z0-9!#$%&'*+.^_`|~-]+$";
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
     )
-)]
-#[x_kube(
-    validation = Rule::new("!has(self.rules) || self.rules.all(r, !has(r.from) || r.from.all(f, !has(f.jwt) || (has(self.authentication) && has(self.authentication.jwt) && self.authentication.jwt.exists(p, p.name == f.jwt.provider))))").message("rules[].from[].jwt.provider must name an entry of authentication.jwt").field_path(".rules"),
-    validation = Rule::new("!has(self.rules) || self.rules.all(r, !has(r.from) || r.from.all(f, !has(f.apiKeys) || f.apiKeys.all(k, has(self.authentication) && has(self.authentication.apiKeys) && self.authentication.apiKeys.exists(p, p.name == k || k.startsWith(p.name + '#')))))").message("rules[].from[].apiKeys must name entries of authentication.apiKeys").field_path(".rules"),
-    validation = Rule::new("!has(self.quotas) || self.quotas.all(q, !has(q.key.apiKey) || (has(self.authentication) && has(self.authentication.apiKeys) && self.authentication.apiKeys.exists(p, p.name == q.key.apiKey)))").message("quotas[].key.apiKey must name an entry of authentication.apiKeys").field_path(".quotas")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ApiPolicySpec {
@@ -325,7 +353,7 @@ pub struct Endpoint {
     pub deprecated: bool,
     /// RFC 3339 instant after which the endpoint answers 410 Gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("format" = "date-time"))]
+    #[schemars(length(max = 64), extend("format" = "date-time"))]
     pub sunset: Option<String>,
 }
 
@@ -380,7 +408,6 @@ pub enum UndeclaredAction {
 /// An authorization rule: `action` for requests from any of `from` to any of `to`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[x_kube(
-    validation = Rule::new("!has(self.bind) || self.bind.all(b, !has(b.pathParam) || (has(self.to) && size(self.to) > 0 && self.to.all(t, has(t.paths) && size(t.paths) > 0 && t.paths.all(p, p.contains('{' + b.pathParam + '}')))))").message("every path of a rule must contain each bound {pathParam}").field_path(".bind"),
     validation = Rule::new("!has(self.bind) || size(self.bind) == 0 || (has(self.from) && size(self.from) > 0 && self.from.all(f, has(f.jwt)))").message("a rule with bind needs every from entry to require a JWT (claims come from verified tokens)").field_path(".bind"),
     validation = Rule::new("!has(self.bind) || size(self.bind) == 0 || !has(self.action) || self.action == 'Allow'").message("bind applies to Allow rules only").field_path(".bind")
 )]
@@ -411,6 +438,7 @@ pub struct AccessRule {
 
 /// Allow or Deny.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[schemars(extend("maxLength" = 16))]
 pub enum Action {
     /// Let matching requests through (unless a Deny rule matches).
     #[default]
@@ -560,7 +588,7 @@ pub struct Quota {
     pub on_exceed: OnExceed,
     /// Longest a request waits with `onExceed: Delay`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = apiward_policy::duration::DURATION_PATTERN))]
+    #[schemars(length(max = 32), regex(pattern = apiward_policy::duration::DURATION_PATTERN))]
     pub max_delay: Option<String>,
     /// A Global quota that must never be exceeded, even when Redis is down: the default
     /// `onStoreError` becomes `FailClosed`.
@@ -575,6 +603,7 @@ pub struct Quota {
 
 /// What a Global quota does when Redis cannot answer.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[schemars(extend("maxLength" = 16))]
 pub enum OnStoreError {
     /// Count locally, per sidecar, with the same limit.
     FailOpen,
@@ -640,6 +669,7 @@ pub struct Limit {
 
 /// Window shape.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[schemars(extend("maxLength" = 16))]
 pub enum Window {
     /// Sliding window.
     #[default]
@@ -650,6 +680,7 @@ pub enum Window {
 
 /// Where counters live.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[schemars(extend("maxLength" = 16))]
 pub enum QuotaScope {
     /// In each sidecar.
     #[default]
@@ -660,6 +691,7 @@ pub enum QuotaScope {
 
 /// What happens over quota.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[schemars(extend("maxLength" = 16))]
 pub enum OnExceed {
     /// 429 Too Many Requests with `Retry-After`.
     #[default]

@@ -175,6 +175,37 @@ fn a_malformed_policy_file_changes_nothing_and_is_reported() {
     );
 }
 
+/// A mistake only a check across the spec finds (a bound `{id}` missing from the rule's
+/// path): on a cluster the operator's validating webhook refuses the `kubectl apply`
+/// (the CRD's CEL cannot afford that rule); locally `apiward local serve` refuses the
+/// file. Either way the error names the field and nothing changes.
+#[test]
+fn a_cross_field_mistake_is_refused_naming_the_field_and_changes_nothing() {
+    let mut env = lab("scenario-cross-field");
+    env.apply_policy("backend", &policy("v1", "Enforce", &["/a"]));
+    let v1 = wait_programmed(&*env, None);
+    let bad = policy("v2", "Enforce", &["/a", "/b"]).replace(
+        "      to: [{methods: [GET], paths: [\"/a\", \"/b\"]}]\n",
+        "      to: [{methods: [GET], paths: [\"/a\", \"/b\"]}]\n      bind: [{pathParam: id, claim: sub}]\n",
+    ).replace(
+        "from: [{serviceAccounts: [shop/checkout]}]",
+        "from: [{jwt: {provider: corp}}]",
+    ).replace(
+        "  rules:\n",
+        "  authentication:\n    jwt: [{name: corp, issuer: \"https://login.example/\", jwksUri: \"https://login.example/jwks.json\", audiences: [shop]}]\n  rules:\n",
+    );
+    assert!(bad.contains("bind: [{pathParam: id"), "{bad}");
+    env.apply_policy("backend", &bad);
+    wait_for(Duration::from_secs(20), "the refusal naming the field", || {
+        env.source_errors("backend")
+            .iter()
+            .any(|e| e.contains("spec.rules[0].bind") && e.contains("{pathParam}"))
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(versions(&*env), v1, "no sidecar's config changed");
+    assert_eq!(env.get("checkout", "users", "/b"), 403, "v1 is still enforced");
+}
+
 #[test]
 fn audit_then_enforce_rollout() {
     let mut env = lab("scenario-rollout");

@@ -267,6 +267,7 @@ pub fn parse_document(origin: &Origin, value: Value) -> Result<Option<Object>, V
     let label = Some(format!("{kind} {ns}/{name}"));
     match (api_version, kind) {
         ("apiward.io/v1alpha1", "ApiPolicy") => {
+            let schema_input = value.clone();
             let mut policy: ApiPolicy = strict(origin, &label, value)?;
             if policy.metadata.name.as_deref().unwrap_or("").is_empty() {
                 return Err(vec![finding(
@@ -281,7 +282,7 @@ pub fn parse_document(origin: &Origin, value: Value) -> Result<Option<Object>, V
                 .metadata
                 .namespace
                 .get_or_insert_with(|| "default".into());
-            let errors = apiward_crds::validate(&policy.spec);
+            let errors = policy_errors(&policy, &schema_input);
             if errors.is_empty() {
                 Ok(Some(Object::Policy(Box::new(policy))))
             } else {
@@ -319,6 +320,92 @@ pub fn parse_document(origin: &Origin, value: Value) -> Result<Option<Object>, V
         )]),
         _ => Ok(None),
     }
+}
+
+/// Every problem of a policy that parsed: [`apiward_crds::validate`], plus what the CRD's
+/// OpenAPI schema refuses (lengths, list sizes, patterns), so `apiward check` refuses
+/// everything the API server's schema validation would. Where both find a problem in the
+/// same field, `validate`'s message (which says how to fix it) is kept.
+pub fn policy_errors(policy: &ApiPolicy, document: &Value) -> Vec<FieldError> {
+    let mut errors = apiward_crds::validate(&policy.spec);
+    let mut schema = schema_errors(document);
+    schema.retain(|s| !errors.iter().any(|e| e.field == s.field));
+    errors.extend(schema);
+    errors.sort();
+    errors.dedup();
+    errors
+}
+
+/// The CRD's `openAPIV3Schema`, compiled once.
+fn crd_validator() -> Option<&'static jsonschema::Validator> {
+    static VALIDATOR: std::sync::OnceLock<Option<jsonschema::Validator>> =
+        std::sync::OnceLock::new();
+    VALIDATOR
+        .get_or_init(|| {
+            use kube::CustomResourceExt;
+            let crd = serde_json::to_value(ApiPolicy::crd()).ok()?;
+            let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+            jsonschema::validator_for(schema)
+                .map_err(|e| tracing::error!(error = %e, "the CRD's schema does not compile"))
+                .ok()
+        })
+        .as_ref()
+}
+
+/// What the CRD's OpenAPI schema refuses in a document (`null` fields are dropped first,
+/// as the API server does for fields that are not nullable).
+fn schema_errors(document: &Value) -> Vec<FieldError> {
+    fn drop_nulls(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                m.retain(|_, x| !x.is_null());
+                m.values_mut().for_each(drop_nulls);
+            }
+            Value::Array(a) => a.iter_mut().for_each(drop_nulls),
+            _ => {}
+        }
+    }
+    let Some(validator) = crd_validator() else {
+        return Vec::new();
+    };
+    let mut doc = document.clone();
+    drop_nulls(&mut doc);
+    validator
+        .iter_errors(&doc)
+        .map(|e| {
+            let mut message = e.to_string();
+            // The schema's messages quote the value: a long one is cut to its start.
+            if let Value::String(v) = e.instance().as_ref()
+                && v.chars().count() > 40
+                && let Ok(quoted) = serde_json::to_string(v)
+            {
+                let start: String = v.chars().take(32).collect();
+                let short = format!("{start:?}... ({} characters)", v.chars().count());
+                message = message.replace(&quoted, &short);
+            }
+            FieldError {
+                field: pointer_to_field(&e.instance_path().to_string()),
+                message,
+            }
+        })
+        .collect()
+}
+
+/// `/spec/rules/0/bind` → `spec.rules[0].bind` (the field paths findings use).
+pub fn pointer_to_field(pointer: &str) -> String {
+    let mut out = String::new();
+    for tok in pointer.split('/').skip(1) {
+        let tok = tok.replace("~1", "/").replace("~0", "~");
+        if !tok.is_empty() && tok.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{tok}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&tok);
+        }
+    }
+    out
 }
 
 /// Deserializes with field paths in errors, and refuses fields the type does not have.

@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 use clap::Parser;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -220,6 +222,9 @@ fn strict_problems(objects: &[Object]) -> Vec<String> {
             ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
                 strict::<MutatingWebhookConfiguration>(&o.doc).map(drop)
             }
+            ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration") => {
+                strict::<ValidatingWebhookConfiguration>(&o.doc).map(drop)
+            }
             ("networking.k8s.io/v1", "NetworkPolicy") => strict::<NetworkPolicy>(&o.doc).map(drop),
             ("cert-manager.io/v1", "Certificate") => {
                 strict::<foreign::Object<foreign::CertificateSpec>>(&o.doc).map(drop)
@@ -313,6 +318,7 @@ fn default_values_render_strict_manifests_for_a_working_operator() {
         "Service apiward-metrics",
         "Service apiward-webhook",
         "ServiceAccount apiward",
+        "ValidatingWebhookConfiguration apiward-policy-validator",
     ]
     .into_iter()
     .map(String::from)
@@ -346,6 +352,9 @@ fn default_values_render_strict_manifests_for_a_working_operator() {
     argv.extend(c.args.clone().unwrap());
     apiward::cli::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     assert!(argv.contains(&"--webhook-configuration=apiward-sidecar-injector".to_owned()));
+    assert!(
+        argv.contains(&"--validating-webhook-configuration=apiward-policy-validator".to_owned())
+    );
     assert!(
         !argv.iter().any(|a| a == "--no-leader-election"),
         "2 replicas elect a leader"
@@ -441,7 +450,8 @@ fn cert_manager_three_replicas_and_a_service_monitor_render_strict_manifests() {
     let c = &pod.containers[0];
     let args = c.args.clone().unwrap();
     assert!(
-        args.contains(&"--webhook-configuration=".to_owned()),
+        args.contains(&"--webhook-configuration=".to_owned())
+            && args.contains(&"--validating-webhook-configuration=".to_owned()),
         "cert-manager owns caBundle: {args:?}"
     );
     assert!(
@@ -484,6 +494,15 @@ fn cert_manager_three_replicas_and_a_service_monitor_render_strict_manifests() {
     );
     assert_eq!(
         w.metadata.annotations.unwrap()["cert-manager.io/inject-ca-from"],
+        format!("{NS}/{}", cert.metadata.name)
+    );
+    let v: ValidatingWebhookConfiguration = one(
+        &objects,
+        "ValidatingWebhookConfiguration",
+        "apiward-policy-validator",
+    );
+    assert_eq!(
+        v.metadata.annotations.unwrap()["cert-manager.io/inject-ca-from"],
         format!("{NS}/{}", cert.metadata.name)
     );
 
@@ -637,11 +656,19 @@ fn rbac_is_exactly_the_documented_rules_and_has_no_wildcards() {
         "rendered RBAC and charts/apiward/README.md differ"
     );
 
-    // With cert-manager the caBundle rule is not granted; nothing else changes.
+    // With cert-manager the caBundle rules are not granted; nothing else changes.
     let with_cm = rendered_rules(&render(NS, &varied()));
-    let gone: Vec<&Rule> = documented.difference(&with_cm).collect();
-    assert_eq!(gone.len(), 1);
-    assert_eq!(gone[0].2, "mutatingwebhookconfigurations");
+    let gone: BTreeSet<&str> = documented
+        .difference(&with_cm)
+        .map(|r| r.2.as_str())
+        .collect();
+    assert_eq!(
+        gone,
+        BTreeSet::from([
+            "mutatingwebhookconfigurations",
+            "validatingwebhookconfigurations"
+        ])
+    );
     assert!(with_cm.is_subset(&documented));
 
     for values in [json!({}), varied()] {
@@ -765,6 +792,73 @@ fn the_webhook_never_sends_the_operator_namespace_or_kube_system() {
 }
 
 #[test]
+fn the_policy_validator_judges_every_written_policy_but_not_its_status() {
+    for (values, policy, timeout) in [
+        (json!({}), "Fail", 5),
+        (
+            json!({"validation": {"failurePolicy": "Ignore", "timeoutSeconds": 3}}),
+            "Ignore",
+            3,
+        ),
+    ] {
+        let objects = render(NS, &values);
+        let v: ValidatingWebhookConfiguration = one(
+            &objects,
+            "ValidatingWebhookConfiguration",
+            "apiward-policy-validator",
+        );
+        let hooks = v.webhooks.unwrap();
+        assert_eq!(hooks.len(), 1);
+        let h = &hooks[0];
+        assert_eq!(h.name, "validate.apiward.io");
+        let svc = h.client_config.service.clone().unwrap();
+        assert_eq!(
+            (
+                svc.name.as_str(),
+                svc.namespace.as_str(),
+                svc.path.as_deref(),
+                svc.port
+            ),
+            ("apiward-webhook", NS, Some("/validate"), Some(443))
+        );
+        assert_eq!(h.failure_policy.as_deref(), Some(policy));
+        assert_eq!(h.timeout_seconds, Some(timeout));
+        // No side effects: `kubectl apply --dry-run=server` is sent to it.
+        assert_eq!(h.side_effects, "None");
+        assert_eq!(h.admission_review_versions, vec!["v1".to_owned()]);
+        let rules = h.rules.clone().unwrap();
+        assert_eq!(rules.len(), 1);
+        let r = &rules[0];
+        assert_eq!(r.api_groups, Some(vec!["apiward.io".into()]));
+        assert_eq!(r.api_versions, Some(vec!["v1alpha1".into()]));
+        assert_eq!(r.operations, Some(vec!["CREATE".into(), "UPDATE".into()]));
+        // The policy itself, not `apipolicies/status` (the operator's own status writes).
+        assert_eq!(r.resources, Some(vec!["apipolicies".into()]));
+    }
+    // Without injection the 9443 server still runs for the validator; without either, it
+    // does not run at all.
+    let args = |values: Value| {
+        let d: Deployment = one(&render(NS, &values), "Deployment", "apiward");
+        d.spec.unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
+    };
+    let only_validation = args(json!({"webhook": {"enabled": false}}));
+    assert!(only_validation.contains(&"--webhook-configuration=".to_owned()));
+    assert!(
+        only_validation
+            .contains(&"--validating-webhook-configuration=apiward-policy-validator".to_owned())
+    );
+    assert!(!only_validation.contains(&"--no-webhook".to_owned()));
+    let objects = render(NS, &json!({"webhook": {"enabled": false}}));
+    assert!(kinds(&objects).contains("Service apiward-webhook"));
+    assert!(!kinds(&objects).contains("MutatingWebhookConfiguration apiward-sidecar-injector"));
+    let neither = args(json!({"webhook": {"enabled": false}, "validation": {"enabled": false}}));
+    assert!(neither.contains(&"--no-webhook".to_owned()));
+}
+
+#[test]
 fn the_charts_crd_is_the_generated_one() {
     let out = helm(&["crds", &chart()]);
     let crds = out["crds"].as_array().unwrap();
@@ -791,6 +885,10 @@ fn values_of_the_wrong_type_or_unknown_keys_are_refused_by_the_schema() {
         (
             json!({"webhook": {"timeoutSeconds": "10s"}}),
             "/webhook/timeoutSeconds",
+        ),
+        (
+            json!({"validation": {"failurePolicy": "Never"}}),
+            "/validation/failurePolicy",
         ),
         (
             json!({"certManager": {"enabled": "yes"}}),

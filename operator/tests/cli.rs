@@ -37,7 +37,7 @@ fn check_invalid_exits_1_naming_file_object_and_field() {
     assert!(out.contains("examples-invalid/01-bind-param-not-in-path.yaml: error[invalid] ApiPolicy shop/bad spec.rules[0].bind:"), "{out}");
     let o = apiward(&["check", "examples-invalid", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["errors"].as_u64(), Some(21));
+    assert_eq!(v["errors"].as_u64(), Some(22));
 }
 
 #[test]

@@ -69,6 +69,7 @@ fn the_operators_spans_are_exported_over_otlp() {
         namespace: "apiward-system".into(),
         service: "apiward-webhook".into(),
         configuration: None,
+        validating_configuration: None,
         sidecar: serde_json::from_value(serde_json::json!({
             "image": "sidecar:1", "controlUrl": "https://apiward:15012", "trustDomain": "cluster.local"})).unwrap(),
         cert_dir: None,

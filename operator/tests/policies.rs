@@ -186,7 +186,7 @@ fn expectations() -> Vec<Expectation> {
             other => {
                 let (by, field) = other
                     .split_once(' ')
-                    .expect("admission: <schema|cel> <field>");
+                    .expect("admission: <schema|cel|webhook> <field>");
                 Some((by.to_owned(), field.to_owned()))
             }
         };
@@ -235,31 +235,56 @@ fn every_invalid_example_fails_with_its_field_and_message() {
     }
 }
 
+/// Each invalid example says which part of admission refuses it: the CRD's schema, its
+/// CEL rules, or (what relates one part of a spec to another, and what CEL cannot express)
+/// the operator's validating webhook, which runs the loader `apiward check` runs
+/// (tests/admission.rs sends each one to it over HTTPS).
 #[test]
-fn invalid_examples_that_admission_can_catch_are_caught_by_it() {
-    let mut caught_by_cel = 0;
+fn every_invalid_example_is_refused_at_admission_by_the_part_it_names() {
+    let mut caught_by = std::collections::BTreeMap::<String, usize>::new();
     for case in expectations() {
         let text = std::fs::read_to_string(&case.file).unwrap();
         let obj: Value = serde_norway::from_str(&text).unwrap();
         let refusals = admission(&obj);
-        match &case.admission {
-            None => assert!(
-                refusals.is_empty(),
-                "{}: marked as beyond admission, but admission refuses it: {refusals:#?}",
+        let Some((by, field)) = &case.admission else {
+            panic!(
+                "{}: every invalid example must be refused at admission (schema, cel or webhook)",
                 case.file.display()
-            ),
-            Some((by, field)) => {
-                caught_by_cel += usize::from(by == "cel");
+            );
+        };
+        *caught_by.entry(by.clone()).or_default() += 1;
+        match by.as_str() {
+            "webhook" => {
                 assert!(
-                    refusals.iter().any(|r| r.by == by && &r.field == field),
-                    "{}: expected {by} to refuse {field}, got {refusals:#?}",
+                    refusals.is_empty(),
+                    "{}: marked as the webhook's, but the schema or CEL refuses it: {refusals:#?}",
                     case.file.display()
                 );
+                let input = load::read(std::slice::from_ref(&case.file)).unwrap();
+                assert!(
+                    input
+                        .findings
+                        .iter()
+                        .any(|f| f.field.as_deref() == Some(field.as_str())),
+                    "{}: the webhook's loader does not refuse {field}: {:#?}",
+                    case.file.display(),
+                    input.findings
+                );
             }
+            "schema" | "cel" => assert!(
+                refusals.iter().any(|r| r.by == by && &r.field == field),
+                "{}: expected {by} to refuse {field}, got {refusals:#?}",
+                case.file.display()
+            ),
+            other => panic!("{}: unknown admission part {other}", case.file.display()),
         }
     }
     assert!(
-        caught_by_cel >= 8,
-        "only {caught_by_cel} cases exercise the CEL rules"
+        caught_by.get("cel").copied().unwrap_or(0) >= 8,
+        "only {caught_by:?} cases exercise the CEL rules"
+    );
+    assert!(
+        caught_by.get("webhook").copied().unwrap_or(0) >= 2,
+        "{caught_by:?}"
     );
 }

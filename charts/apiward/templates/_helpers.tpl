@@ -28,6 +28,9 @@ app.kubernetes.io/component: operator
 {{- define "apiward.webhookService" -}}{{ include "apiward.fullname" . }}-webhook{{- end -}}
 {{- define "apiward.metricsService" -}}{{ include "apiward.fullname" . }}-metrics{{- end -}}
 {{- define "apiward.webhookConfiguration" -}}{{ include "apiward.fullname" . }}-sidecar-injector{{- end -}}
+{{- define "apiward.validatingConfiguration" -}}{{ include "apiward.fullname" . }}-policy-validator{{- end -}}
+{{- /* The 9443 server runs when either admission webhook is registered. */ -}}
+{{- define "apiward.webhookServed" -}}{{ if or .Values.webhook.enabled .Values.validation.enabled }}true{{ end }}{{- end -}}
 {{- define "apiward.webhookSecret" -}}{{ include "apiward.fullname" . }}-webhook-tls{{- end -}}
 
 {{- define "apiward.image" -}}

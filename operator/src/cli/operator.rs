@@ -47,7 +47,7 @@ pub struct OperatorArgs {
     /// Do not elect a leader (a single replica; it always writes status).
     #[arg(long)]
     no_leader_election: bool,
-    /// Do not serve the injection webhook.
+    /// Do not serve the admission webhooks (sidecar injection and policy validation).
     #[arg(long)]
     no_webhook: bool,
     /// The webhook's Service.
@@ -57,6 +57,10 @@ pub struct OperatorArgs {
     /// (empty: cert-manager does).
     #[arg(long, default_value = "apiward-sidecar-injector")]
     webhook_configuration: String,
+    /// The ValidatingWebhookConfiguration of the policy validator, whose caBundle the
+    /// operator keeps current (empty: cert-manager does, or validation is not registered).
+    #[arg(long, default_value = "apiward-policy-validator")]
+    validating_webhook_configuration: String,
     /// Serve the webhook with `tls.crt`/`tls.key` from this directory (a mounted
     /// cert-manager Secret, re-read on renewal) instead of a certificate from the mesh CA.
     /// Pair it with `--webhook-configuration ''` so cert-manager's CA injector owns
@@ -119,6 +123,8 @@ impl OperatorArgs {
                 namespace: self.namespace.clone(),
                 service: self.webhook_service.clone(),
                 configuration: Some(self.webhook_configuration.clone()).filter(|c| !c.is_empty()),
+                validating_configuration: Some(self.validating_webhook_configuration.clone())
+                    .filter(|c| !c.is_empty()),
                 sidecar,
                 cert_dir: self.webhook_cert_dir.clone(),
                 injected: None,

@@ -19,7 +19,9 @@ use prometheus_client::registry::Registry;
 /// Labels of a webhook call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WebhookLabels {
-    /// `injected`, `skipped` or `error`.
+    /// `inject` (the sidecar injector) or `validate` (the policy validator).
+    pub webhook: &'static str,
+    /// `injected`, `skipped`, `allowed`, `denied` or `error`.
     pub result: &'static str,
 }
 

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod identity;
+pub mod validating;
 pub mod webhook;
 
 use std::convert::Infallible;

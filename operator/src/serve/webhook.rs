@@ -1,4 +1,7 @@
-//! The sidecar injector: a mutating admission webhook on 9443 (TLS).
+//! The admission webhooks on 9443 (TLS): the sidecar injector (`POST /inject`, below) and
+//! the policy validator (`POST /validate`, [`super::validating`]).
+//!
+//! The sidecar injector is a mutating admission webhook.
 //!
 //! In: `AdmissionReview` (`admission.k8s.io/v1`) for pod creation, sent by the API server
 //! for pods in namespaces labelled `apiward.io/inject=enabled` and pods labelled the same
@@ -26,7 +29,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+};
 use k8s_openapi::api::core::v1::{Container, Pod, Probe};
 use kube::Api;
 use kube::api::PostParams;
@@ -100,8 +105,10 @@ pub struct WebhookOptions {
     /// The webhook's Service name (its DNS names go in the serving certificate).
     pub service: String,
     /// The `MutatingWebhookConfiguration` whose `caBundle` the leader keeps current;
-    /// `None` when cert-manager's CA injector does it.
+    /// `None` when cert-manager's CA injector does it (or sidecars are not injected).
     pub configuration: Option<String>,
+    /// The `ValidatingWebhookConfiguration` of the policy validator, kept the same way.
+    pub validating_configuration: Option<String>,
     /// The injected containers.
     pub sidecar: SidecarTemplate,
     /// A directory with `tls.crt` and `tls.key` (a mounted cert-manager Secret) to serve
@@ -549,10 +556,15 @@ async fn handle(
         );
         r
     };
-    if req.method() != http::Method::POST || req.uri().path() != "/inject" {
+    let webhook = match req.uri().path() {
+        "/inject" => "inject",
+        "/validate" => "validate",
+        _ => "",
+    };
+    if req.method() != http::Method::POST || webhook.is_empty() {
         return reply(
             StatusCode::NOT_FOUND,
-            json!({"error": "POST /inject"}).to_string(),
+            json!({"error": "POST /inject or POST /validate"}).to_string(),
         );
     }
     let body = match Limited::new(req.into_body(), MAX_REVIEW).collect().await {
@@ -564,10 +576,14 @@ async fn handle(
             );
         }
     };
-    let (answer, result) = review(&body, opts);
+    let (answer, result) = if webhook == "validate" {
+        super::validating::review(&body)
+    } else {
+        review(&body, opts)
+    };
     metrics
         .webhook
-        .get_or_create(&WebhookLabels { result })
+        .get_or_create(&WebhookLabels { webhook, result })
         .inc();
     if answer.get("error").is_some() {
         return reply(StatusCode::BAD_REQUEST, answer.to_string());
@@ -633,7 +649,21 @@ pub async fn start(
     tracing::info!(listen = %opts.listen, "injection webhook serving");
     if let Some(name) = opts.configuration.clone() {
         let bundle = ca.trust_bundle_pem().to_owned();
-        tokio::spawn(keep_ca_bundle(client.clone(), name, bundle, leader));
+        tokio::spawn(keep_ca_bundle::<MutatingWebhookConfiguration>(
+            client.clone(),
+            name,
+            bundle,
+            leader.clone(),
+        ));
+    }
+    if let Some(name) = opts.validating_configuration.clone() {
+        let bundle = ca.trust_bundle_pem().to_owned();
+        tokio::spawn(keep_ca_bundle::<ValidatingWebhookConfiguration>(
+            client.clone(),
+            name,
+            bundle,
+            leader,
+        ));
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     opts.injected = Some(tx);
@@ -669,19 +699,58 @@ async fn bundle_where_injected(
     }
 }
 
+/// A webhook configuration: its webhooks' client configs carry the `caBundle`.
+pub trait WebhookConfiguration:
+    kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + serde::Serialize
+    + Send
+    + Sync
+    + 'static
+{
+    /// The kind, for logs.
+    const KIND: &'static str;
+    /// Every webhook's client config.
+    fn client_configs(&mut self) -> Vec<&mut WebhookClientConfig>;
+}
+
+impl WebhookConfiguration for MutatingWebhookConfiguration {
+    const KIND: &'static str = "MutatingWebhookConfiguration";
+    fn client_configs(&mut self) -> Vec<&mut WebhookClientConfig> {
+        self.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config)
+            .collect()
+    }
+}
+
+impl WebhookConfiguration for ValidatingWebhookConfiguration {
+    const KIND: &'static str = "ValidatingWebhookConfiguration";
+    fn client_configs(&mut self) -> Vec<&mut WebhookClientConfig> {
+        self.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config)
+            .collect()
+    }
+}
+
 /// Sets `caBundle` on every webhook of the configuration to `bundle_pem`. Returns whether
 /// it had to change anything.
-pub async fn ensure_ca_bundle(
-    api: &Api<MutatingWebhookConfiguration>,
+pub async fn ensure_ca_bundle<K: WebhookConfiguration>(
+    api: &Api<K>,
     name: &str,
     bundle_pem: &str,
 ) -> Result<bool, kube::Error> {
     let mut cfg = api.get(name).await?;
     let want = k8s_openapi::ByteString(bundle_pem.as_bytes().to_vec());
     let mut changed = false;
-    for w in cfg.webhooks.iter_mut().flatten() {
-        if w.client_config.ca_bundle.as_ref() != Some(&want) {
-            w.client_config.ca_bundle = Some(want.clone());
+    for c in cfg.client_configs() {
+        if c.ca_bundle.as_ref() != Some(&want) {
+            c.ca_bundle = Some(want.clone());
             changed = true;
         }
     }
@@ -691,20 +760,26 @@ pub async fn ensure_ca_bundle(
     Ok(changed)
 }
 
-async fn keep_ca_bundle(
+/// While this replica leads, keeps the configuration's `caBundle` equal to the mesh CA's
+/// (checked at once, on every change of leadership and every minute).
+async fn keep_ca_bundle<K: WebhookConfiguration>(
     client: kube::Client,
     name: String,
     bundle: String,
     mut leader: watch::Receiver<bool>,
 ) {
-    let api: Api<MutatingWebhookConfiguration> = Api::all(client);
+    let api: Api<K> = Api::all(client);
     loop {
         if *leader.borrow_and_update() {
             match ensure_ca_bundle(&api, &name, &bundle).await {
-                Ok(true) => tracing::info!(configuration = name, "webhook caBundle updated"),
+                Ok(true) => tracing::info!(
+                    kind = K::KIND,
+                    configuration = name,
+                    "webhook caBundle updated"
+                ),
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(configuration = name, error = %e, "cannot update the webhook caBundle")
+                    tracing::warn!(kind = K::KIND, configuration = name, error = %e, "cannot update the webhook caBundle")
                 }
             }
         }

@@ -74,6 +74,7 @@ async fn server_with(tls: Arc<rustls::ServerConfig>, ca_pem: &str) -> Server {
         namespace: NS.into(),
         service: "apiward-webhook".into(),
         configuration: None,
+        validating_configuration: None,
         sidecar: template(),
         cert_dir: None,
         injected: None,
@@ -293,7 +294,10 @@ async fn a_pod_gets_the_init_step_the_native_sidecar_and_its_volumes() {
     assert_eq!(
         s.metrics
             .webhook
-            .get_or_create(&WebhookLabels { result: "injected" })
+            .get_or_create(&WebhookLabels {
+                webhook: "inject",
+                result: "injected"
+            })
             .get(),
         1
     );
@@ -319,7 +323,10 @@ async fn injection_is_idempotent_honours_opt_out_and_skips_excluded_namespaces()
     assert_eq!(
         s.metrics
             .webhook
-            .get_or_create(&WebhookLabels { result: "skipped" })
+            .get_or_create(&WebhookLabels {
+                webhook: "inject",
+                result: "skipped"
+            })
             .get(),
         4
     );
@@ -424,6 +431,7 @@ async fn an_injected_pods_namespace_gets_the_trust_bundle_once() {
         namespace: NS.into(),
         service: "apiward-webhook".into(),
         configuration: None,
+        validating_configuration: None,
         sidecar: template(),
         cert_dir: None,
         injected: Some(tx),
@@ -477,4 +485,64 @@ async fn an_injected_pods_namespace_gets_the_trust_bundle_once() {
         handle.next_request().await.is_none(),
         "the second pod in shop did not apply it again, and billing (opted out) never"
     );
+}
+
+/// The leader keeps the policy validator's `caBundle` current, against kube's tower-test
+/// mock API server: a stale bundle is replaced on every webhook (GET then PUT), a current
+/// one costs only the GET.
+#[tokio::test]
+async fn the_validating_configurations_ca_bundle_is_kept_current() {
+    use http::{Method, Request as HttpRequest, Response as HttpResponse};
+    use kube::client::Body;
+    let (svc, mut handle) = tower_test::mock::pair::<HttpRequest<Body>, HttpResponse<Body>>();
+    let client = kube::Client::new(svc, "apiward-system");
+    let api: Api<ValidatingWebhookConfiguration> = Api::all(client);
+    let bundle = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let config = |ca: &str| {
+        use base64::Engine as _;
+        let ca = base64::engine::general_purpose::STANDARD.encode(ca);
+        json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": "apiward-policy-validator", "resourceVersion": "7"},
+            "webhooks": [{
+                "name": "validate.apiward.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                "clientConfig": {"caBundle": ca, "service": {"name": "apiward-webhook", "namespace": NS, "path": "/validate"}},
+            }]
+        })
+    };
+    let path = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/apiward-policy-validator";
+    let server = tokio::spawn(async move {
+        // First call: stale, so GET then PUT with the new bundle.
+        let (req, send) = handle.next_request().await.expect("GET");
+        assert_eq!((req.method(), req.uri().path()), (&Method::GET, path));
+        send.send_response(HttpResponse::new(Body::from(
+            config("old").to_string().into_bytes(),
+        )));
+        let (req, send) = handle.next_request().await.expect("PUT");
+        assert_eq!((req.method(), req.uri().path()), (&Method::PUT, path));
+        let body = req.into_body().collect_bytes().await.unwrap();
+        let put: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(put, config(bundle), "only caBundle changes");
+        send.send_response(HttpResponse::new(Body::from(body.to_vec())));
+        // Second call: current, so only the GET.
+        let (req, send) = handle.next_request().await.expect("GET");
+        assert_eq!(req.method(), Method::GET);
+        send.send_response(HttpResponse::new(Body::from(
+            config(bundle).to_string().into_bytes(),
+        )));
+        handle
+    });
+    assert!(
+        ensure_ca_bundle(&api, "apiward-policy-validator", bundle)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !ensure_ca_bundle(&api, "apiward-policy-validator", bundle)
+            .await
+            .unwrap()
+    );
+    let mut handle = server.await.unwrap();
+    drop(api);
+    assert!(handle.next_request().await.is_none(), "no other call");
 }
