@@ -734,7 +734,8 @@ pub struct RequestLimits {
 #[serde(rename_all = "camelCase")]
 pub struct ResponseFilter {
     /// JSON pointers (RFC 6901) removed from JSON bodies, e.g. `/internalNotes` or
-    /// `/items/*/passwordHash` (`*` matches every element).
+    /// `/items/*/passwordHash` (`*` matches every element or member) or `/**/password`
+    /// (`**` matches any depth, so a secret one level deeper does not leak).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 64),
@@ -748,6 +749,22 @@ pub struct ResponseFilter {
     /// Replace upstream 5xx bodies with a generic problem+json (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_server_errors: Option<bool>,
+    /// With `removeFields`: what happens to a response the filter cannot read — not JSON
+    /// (XML, HTML, binary), compressed, or too large. `Refuse` (default): 502
+    /// `response_not_filterable`, so nothing leaks through another format; `Pass`: sent as
+    /// it is. Text and untyped bodies that parse as JSON are filtered either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_unfilterable: Option<OnUnfilterable>,
+}
+
+/// What happens to a response the field filter cannot read.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[schemars(extend("maxLength" = 16))]
+pub enum OnUnfilterable {
+    /// Sent as it is.
+    Pass,
+    /// Refused with 502.
+    Refuse,
 }
 
 /// Egress policy.

@@ -649,7 +649,13 @@ fn check_json_pointer(p: &str) -> Result<(), String> {
             "{p:?} is not a JSON pointer: it must start with '/'"
         ));
     };
-    for token in rest.split('/') {
+    let tokens: Vec<&str> = rest.split('/').collect();
+    if tokens.last() == Some(&"**") {
+        return Err(format!(
+            "{p:?}: '**' must be followed by the field to remove (e.g. /**/password)"
+        ));
+    }
+    for token in tokens {
         if token == "-" {
             return Err(format!(
                 "{p:?}: '-' (past the end of an array) names nothing to remove"

@@ -196,14 +196,22 @@ fn a_cross_field_mistake_is_refused_naming_the_field_and_changes_nothing() {
     );
     assert!(bad.contains("bind: [{pathParam: id"), "{bad}");
     env.apply_policy("backend", &bad);
-    wait_for(Duration::from_secs(20), "the refusal naming the field", || {
-        env.source_errors("backend")
-            .iter()
-            .any(|e| e.contains("spec.rules[0].bind") && e.contains("{pathParam}"))
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "the refusal naming the field",
+        || {
+            env.source_errors("backend")
+                .iter()
+                .any(|e| e.contains("spec.rules[0].bind") && e.contains("{pathParam}"))
+        },
+    );
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(versions(&*env), v1, "no sidecar's config changed");
-    assert_eq!(env.get("checkout", "users", "/b"), 403, "v1 is still enforced");
+    assert_eq!(
+        env.get("checkout", "users", "/b"),
+        403,
+        "v1 is still enforced"
+    );
 }
 
 #[test]

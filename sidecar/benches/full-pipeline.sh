@@ -5,11 +5,11 @@
 # Run from the repository root:  sidecar/benches/full-pipeline.sh
 set -euo pipefail
 ROOT=$(pwd); PEERS=$ROOT/../shared/bench/peers; OUT=${OUT:-/tmp/apiward-full-pipeline}; mkdir -p "$OUT"
-BIN=$ROOT/target/release/apiward-sidecar
+BIN=$ROOT/target/dist/apiward-sidecar
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
 DUR=${DUR:-15s}; RATE=${RATE:-2000}
 mkdir -p "$PEERS/run" "$PEERS/logs"
-[ -x "$BIN" ] || cargo build --release -p apiward-sidecar
+[ -x "$BIN" ] || cargo build --profile dist -p apiward-sidecar
 python3 "$ROOT/sidecar/benches/full_pipeline_config.py" "$ROOT" "$OUT"   # writes $OUT/full.yaml and $OUT/token
 TOKEN=$(cat "$OUT/token")
 BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')

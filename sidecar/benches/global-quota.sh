@@ -6,11 +6,11 @@
 # redis-server. Run from the repository root:  sidecar/benches/global-quota.sh
 set -euo pipefail
 ROOT=$(pwd); PEERS=$ROOT/../shared/bench/peers; OUT=${OUT:-/tmp/apiward-global-quota}; mkdir -p "$OUT"
-BIN=$ROOT/target/release/apiward-sidecar
+BIN=$ROOT/target/dist/apiward-sidecar
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
 DUR=${DUR:-15s}; RATE=${RATE:-2000}; ROUNDS=${ROUNDS:-2}; REDIS_PORT=${REDIS_PORT:-16379}
 mkdir -p "$PEERS/run" "$PEERS/logs"
-[ -x "$BIN" ] || cargo build --release -p apiward-sidecar
+[ -x "$BIN" ] || cargo build --profile dist -p apiward-sidecar
 BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
 sed "s#\${BENCH}#$PEERS#g; s#\${UPSTREAM_PORT}#18080#g; s#\${BODY}#$BODY#g; s#\${BODY_BYTES}#1024#g; s#\${THREADS}#1#g" \
   "$PEERS/conf/upstream-nginx.conf.tmpl" > "$OUT/upstream.conf"

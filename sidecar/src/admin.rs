@@ -146,6 +146,10 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
                 }
             }
             shared.metrics.quota_keys.set(shared.quotas.len() as i64);
+            shared
+                .metrics
+                .quota_evictions
+                .set(shared.quotas.evictions() as i64);
             if let Some(g) = active.as_deref().and_then(|a| a.global_quotas.as_deref()) {
                 shared.metrics.quota_leases.set(g.leased_keys() as i64);
             }

@@ -4,8 +4,10 @@
 //!
 //! JWT checks: `alg` must be on the provider's allow-list (never `none`, never HMAC, so a
 //! public key can never be used as an HMAC secret); the key is chosen by `kid`; `exp` is
-//! required and `exp`/`nbf`/`iat` are checked with the configured skew; `iss` must match;
-//! `aud` must contain one of the provider's audiences. Verified tokens are cached by their
+//! and `iss` are required (and `aud` when the provider lists audiences), `exp`/`nbf`/`iat`
+//! are checked with the configured skew, `iss` must match, `aud` must contain one of the
+//! provider's audiences, and a header with `crit` extensions is refused (none is
+//! understood). Two credentials of one kind are refused (400), never "first wins". Verified tokens are cached by their
 //! SHA-256 until `exp`. Tokens and keys never appear in logs.
 
 use std::collections::HashMap;
@@ -49,6 +51,11 @@ pub enum AuthnError {
     InvalidApiKey,
     /// The issuer's keys have never been fetched.
     KeysUnavailable,
+    /// The token's header lists `crit` extensions (RFC 7515 §4.1.11): none is understood.
+    CriticalHeader,
+    /// More than one credential of a kind (two `Authorization` headers, two values of an
+    /// API-key header or query parameter): refused (400), never "first wins".
+    Ambiguous,
 }
 
 impl AuthnError {
@@ -67,6 +74,16 @@ impl AuthnError {
             AuthnError::UnknownIssuer => "token_unknown_issuer",
             AuthnError::InvalidApiKey => "api_key_invalid",
             AuthnError::KeysUnavailable => "token_keys_unavailable",
+            AuthnError::CriticalHeader => "token_crit_unsupported",
+            AuthnError::Ambiguous => "credentials_ambiguous",
+        }
+    }
+
+    /// The status a client gets: 400 for an ambiguous request, else 401.
+    pub fn status(self) -> u16 {
+        match self {
+            AuthnError::Ambiguous => 400,
+            _ => 401,
         }
     }
 }
@@ -245,6 +262,9 @@ impl JwtVerifier {
         if !self.algorithms.contains(&header.alg) {
             return Err(AuthnError::Algorithm);
         }
+        if header.crit.is_some() {
+            return Err(AuthnError::CriticalHeader);
+        }
         let claims = match self.verify_with_keys(token, &header, now) {
             Err(AuthnError::UnknownKey) | Err(AuthnError::KeysUnavailable)
                 if self.request_refresh() =>
@@ -318,11 +338,14 @@ impl JwtVerifier {
         v.leeway = self.provider.clock_skew_seconds;
         v.validate_exp = true;
         v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp"]);
+        // `iss` is always required and must match; `aud` whenever audiences are set
+        // (jsonwebtoken checks a claim's value only when it is present, unless required).
         v.set_issuer(&[&self.provider.issuer]);
         if self.provider.audiences.is_empty() {
+            v.set_required_spec_claims(&["exp", "iss"]);
             v.validate_aud = false;
         } else {
+            v.set_required_spec_claims(&["exp", "iss", "aud"]);
             v.set_audience(&self.provider.audiences);
         }
         let mut last = AuthnError::Signature;

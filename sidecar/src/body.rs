@@ -109,7 +109,8 @@ pub fn json_depth(bytes: &[u8]) -> usize {
     max
 }
 
-/// Removes the values at JSON pointers (`*` matches every member or element).
+/// Removes the values at JSON pointers (`*` matches every member or element; `**` any
+/// number of levels, none included, so `/**/password` removes `password` everywhere).
 pub fn remove_pointer(v: &mut serde_json::Value, pointer: &str) {
     let tokens: Vec<String> = pointer
         .split('/')
@@ -124,6 +125,16 @@ fn remove_tokens(v: &mut serde_json::Value, tokens: &[String]) {
         return;
     };
     use serde_json::Value;
+    if first == "**" {
+        // Here, then at every level below.
+        remove_tokens(v, rest);
+        match v {
+            Value::Object(map) => map.values_mut().for_each(|c| remove_tokens(c, tokens)),
+            Value::Array(items) => items.iter_mut().for_each(|c| remove_tokens(c, tokens)),
+            _ => {}
+        }
+        return;
+    }
     match v {
         Value::Object(map) => {
             if rest.is_empty() {

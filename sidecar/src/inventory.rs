@@ -14,6 +14,9 @@ use apiward_policy::report::{AuthKind, InventoryEntry};
 
 /// Endpoints held between two reports.
 pub const MAX_ENDPOINTS: usize = 2048;
+/// Of those, kept for declared endpoints: undeclared ones (what a scanner sprays) may fill
+/// only the rest, so a scan never pushes the real API out of the inventory.
+pub const RESERVED_FOR_DECLARED: usize = 512;
 
 /// One request, as the inventory sees it.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +49,8 @@ pub struct Seen<'a> {
 struct Inner {
     templater: Templater,
     table: HashMap<(u16, String, String), InventoryEntry>,
+    /// Rows of the table for undeclared endpoints.
+    undeclared: usize,
     overflow: u64,
 }
 
@@ -68,28 +73,32 @@ impl Inventory {
             None => inner.templater.template(s.method, s.path),
         };
         let key = (s.port, s.method.to_owned(), path);
-        let full = inner.table.len() >= MAX_ENDPOINTS;
+        let full = inner.table.len() >= MAX_ENDPOINTS
+            || (s.declared.is_none() && inner.undeclared >= MAX_ENDPOINTS - RESERVED_FOR_DECLARED);
         let e = match inner.table.get_mut(&key) {
             Some(e) => e,
             None if full => {
                 inner.overflow += 1;
                 return;
             }
-            None => inner.table.entry(key.clone()).or_insert(InventoryEntry {
-                port: s.port,
-                method: key.1.clone(),
-                path: key.2.clone(),
-                declared: s.declared.is_some(),
-                requests: 0,
-                responses: [0; 5],
-                unauthenticated: 0,
-                denied: 0,
-                would_deny: 0,
-                first_seen: s.now,
-                last_seen: s.now,
-                top_principals: Vec::new(),
-                latency_sum_micros: 0,
-            }),
+            None => {
+                inner.undeclared += usize::from(s.declared.is_none());
+                inner.table.entry(key.clone()).or_insert(InventoryEntry {
+                    port: s.port,
+                    method: key.1.clone(),
+                    path: key.2.clone(),
+                    declared: s.declared.is_some(),
+                    requests: 0,
+                    responses: [0; 5],
+                    unauthenticated: 0,
+                    denied: 0,
+                    would_deny: 0,
+                    first_seen: s.now,
+                    last_seen: s.now,
+                    top_principals: Vec::new(),
+                    latency_sum_micros: 0,
+                })
+            }
         };
         e.requests += 1;
         if (100..600).contains(&s.status) {
@@ -109,6 +118,7 @@ impl Inventory {
     pub fn take(&self) -> (Vec<InventoryEntry>, u64) {
         let mut inner = self.inner();
         let entries = inner.table.drain().map(|(_, e)| e).collect();
+        inner.undeclared = 0;
         (entries, std::mem::take(&mut inner.overflow))
     }
 
@@ -118,10 +128,12 @@ impl Inventory {
         inner.overflow += overflow;
         for e in entries {
             let key = (e.port, e.method.clone(), e.path.clone());
-            let room = inner.table.len() < MAX_ENDPOINTS;
+            let room = inner.table.len() < MAX_ENDPOINTS
+                && (e.declared || inner.undeclared < MAX_ENDPOINTS - RESERVED_FOR_DECLARED);
             match inner.table.get_mut(&key) {
                 Some(have) => have.merge(&e),
                 None if room => {
+                    inner.undeclared += usize::from(!e.declared);
                     inner.table.insert(key, e);
                 }
                 None => inner.overflow += e.requests,
@@ -189,6 +201,45 @@ mod tests {
             inv.take().0.is_empty(),
             "taken: the next report starts from zero"
         );
+    }
+
+    /// Undeclared rows fill only their share of the table: declared endpoints seen
+    /// afterwards still get their rows.
+    #[test]
+    fn undeclared_rows_never_push_declared_endpoints_out() {
+        let inv = Inventory::default();
+        // Undeclared rows that do not collapse (put back from an unsent report; a live scan
+        // collapses into templates long before).
+        let rows = (0..MAX_ENDPOINTS)
+            .map(|i| InventoryEntry {
+                port: 8080,
+                method: "GET".into(),
+                path: format!("/scan{i}"),
+                declared: false,
+                requests: 1,
+                responses: [0, 0, 0, 1, 0],
+                unauthenticated: 1,
+                denied: 0,
+                would_deny: 0,
+                first_seen: 1,
+                last_seen: 1,
+                top_principals: Vec::new(),
+                latency_sum_micros: 1,
+            })
+            .collect();
+        inv.restore(rows, 0);
+        assert_eq!(inv.len(), MAX_ENDPOINTS - RESERVED_FOR_DECLARED);
+        inv.record(&seen("/scan-more", None, None));
+        for i in 0..RESERVED_FOR_DECLARED {
+            let p = format!("/api/v{i}/orders/{{id}}");
+            inv.record(&seen("/x", Some(&p), None));
+        }
+        let (entries, overflow) = inv.take();
+        assert_eq!(
+            entries.iter().filter(|e| e.declared).count(),
+            RESERVED_FOR_DECLARED
+        );
+        assert_eq!(overflow, RESERVED_FOR_DECLARED as u64 + 1);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod authn;
 pub mod body;
 pub mod client;
 pub mod control;
+pub mod deadline;
 pub mod identity;
 pub mod init;
 pub mod inventory;

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub config_loaded: Gauge,
     /// Open inbound connections.
     pub connections: Gauge,
+    /// Connections closed before their first request to make room at the connection limit.
+    pub connections_reclaimed: Counter,
     /// Inbound HTTP/1.1 connections waiting for their next request with no HTTP buffers.
     pub parked_connections: Gauge,
     /// Expiry of the mesh certificate in force, Unix seconds.
@@ -87,6 +89,8 @@ pub struct Metrics {
     pub jwks_keys: Family<ProviderLabels, Gauge>,
     /// Quota keys held.
     pub quota_keys: Gauge,
+    /// Local quota keys given up to make room for new ones (set at scrape).
+    pub quota_evictions: Gauge,
     /// Global quota store: commands, errors, up, leased keys.
     pub quota_store: crate::quota_store::StoreMetrics,
     /// Keys with a Global quota lease held now.
@@ -152,6 +156,12 @@ impl Metrics {
             "Open inbound connections",
             connections.clone(),
         );
+        let connections_reclaimed = Counter::default();
+        registry.register(
+            "connections_reclaimed",
+            "Inbound connections closed before their first request to make room at limits.maxConnections",
+            connections_reclaimed.clone(),
+        );
         let identity_expiry = Gauge::default();
         registry.register(
             "identity_certificate_expiry_seconds",
@@ -196,6 +206,12 @@ impl Metrics {
         );
         let quota_keys = Gauge::default();
         registry.register("quota_keys", "Local quota keys held", quota_keys.clone());
+        let quota_evictions = Gauge::default();
+        registry.register(
+            "quota_evictions",
+            "Local quota keys given up (the least-spent of a full quota's table) to make room for new keys, since start",
+            quota_evictions.clone(),
+        );
         let quota_store = crate::quota_store::StoreMetrics::default();
         registry.register(
             "quota_store_commands",
@@ -242,6 +258,7 @@ impl Metrics {
             config_rejected,
             config_loaded,
             connections,
+            connections_reclaimed,
             parked_connections,
             upstream_waiting,
             identity_expiry,
@@ -250,6 +267,7 @@ impl Metrics {
             handshake_failures,
             jwks_keys,
             quota_keys,
+            quota_evictions,
             quota_store,
             quota_leases,
         }

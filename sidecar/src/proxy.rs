@@ -28,8 +28,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::authn::AuthnError;
 use crate::body::{HeldBody, LimitedBody, ProxyBody, full, json_depth, remove_pointer};
+use crate::deadline::ConnState;
 use crate::park::{Parking, Track, Tracked};
 use crate::state::{Active, Shared};
+use std::pin::Pin;
 
 /// What is known about a connection.
 #[derive(Debug, Clone)]
@@ -114,9 +116,6 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, upstream:
     // Shared, not cloned: every open connection holds a pointer instead of 656 bytes.
     let upstream = Arc::new(upstream);
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
         let (tcp, source) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -125,12 +124,35 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, upstream:
                 continue;
             }
         };
+        // At the limit, a connection that has sent nothing yet makes room for this one;
+        // with none, the new one waits (the accept loop with it) for a slot.
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if shared.fresh.reclaim_oldest() {
+                    shared.metrics.connections_reclaimed.inc();
+                }
+                match permits.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                }
+            }
+        };
         let shared = shared.clone();
         let upstream = upstream.clone();
         tokio::spawn(async move {
             let _permit = permit;
             shared.metrics.connections.inc();
-            handle_connection(tcp, source, &shared, upstream).await;
+            let conn = shared.fresh.register();
+            let serve = handle_connection(tcp, source, &shared, upstream, &conn);
+            tokio::pin!(serve);
+            loop {
+                tokio::select! {
+                    _ = &mut serve => break,
+                    // Reclaimed: closed unless its first request arrived meanwhile.
+                    _ = conn.reclaim.notified() => if !conn.requested() { break },
+                }
+            }
             shared.metrics.connections.dec();
         });
     }
@@ -141,6 +163,7 @@ async fn handle_connection(
     source: SocketAddr,
     shared: &Arc<Shared>,
     upstream: Arc<Upstream>,
+    conn: &Arc<ConnState>,
 ) {
     let _ = tcp.set_nodelay(true);
     let Some(active) = shared.active.load_full() else {
@@ -199,13 +222,20 @@ async fn handle_connection(
                     }
                     Err(_) => return fail("handshake_timeout"),
                 };
-            let peer = stream
+            let peer = match stream
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(crate::tls::spiffe_id)
-                .map(Arc::from);
+            {
+                Some(cert) => match crate::tls::spiffe_id(cert) {
+                    Some(id) => Some(Arc::from(id)),
+                    // A certificate the CA signed that is not one X.509-SVID (no URI SAN,
+                    // several, or not SPIFFE): no identity is made up from it.
+                    None => return fail("peer_identity_invalid"),
+                },
+                None => None,
+            };
             let info = ConnInfo {
                 peer,
                 source,
@@ -225,68 +255,109 @@ async fn handle_connection(
                 // HTTP is served for the app's port only; other ports are opaque TCP.
                 return fail("port_not_served");
             }
+            let first_request = tokio::time::Instant::now() + active.timeouts.first_request;
             drop(active);
-            Box::pin(serve_http(stream, proto, info, shared, upstream)).await;
+            Box::pin(serve_http(
+                stream,
+                proto,
+                info,
+                shared,
+                upstream,
+                conn,
+                first_request,
+            ))
+            .await;
         }
         (false, _, _) if port != active.settings.inbound.port => fail("port_not_served"),
         (false, _, _) => {
+            // Plaintext: HTTP/1.1, or HTTP/2 with prior knowledge, told apart by the first
+            // bytes, which must arrive within the first-request deadline.
+            let first_request = tokio::time::Instant::now() + active.timeouts.first_request;
             drop(active);
             let info = ConnInfo {
                 peer: None,
                 source,
                 tls: false,
             };
-            Box::pin(serve_http(tcp, Proto::Detect, info, shared, upstream)).await;
+            let Some((detected, io)) = crate::deadline::detect(tcp, first_request).await else {
+                return fail("first_request_timeout");
+            };
+            let proto = match detected {
+                crate::deadline::Detected::Http1 => Proto::Http1,
+                crate::deadline::Detected::Http2 => Proto::Http2,
+            };
+            Box::pin(serve_http(
+                io,
+                proto,
+                info,
+                shared,
+                upstream,
+                conn,
+                first_request,
+            ))
+            .await;
         }
     }
 }
 
-/// How a connection's HTTP version is known.
+/// A connection's HTTP version: by ALPN over TLS, by its first bytes in plaintext.
 #[derive(Debug, Clone, Copy)]
 enum Proto {
-    /// TLS negotiated `http/1.1` (or nothing) by ALPN.
+    /// HTTP/1.1.
     Http1,
-    /// TLS negotiated `h2` by ALPN.
+    /// HTTP/2.
     Http2,
-    /// Plaintext: HTTP/1.1, or HTTP/2 with prior knowledge, told apart by the preface.
-    Detect,
 }
 
-/// Serves HTTP on a connection. The common case, HTTP/1.1, runs inline; HTTP/2 and
-/// version detection are boxed so that every HTTP/1.1 connection task stays small
-/// (their state machines are several kilobytes larger).
+/// Serves HTTP on a connection. The common case, HTTP/1.1, runs inline; HTTP/2 is boxed
+/// so that every HTTP/1.1 connection task stays small (its state machine is several
+/// kilobytes larger). A first request head must arrive by `first_request`; an HTTP/2
+/// connection without open streams for `limits.idleTimeout` is sent GOAWAY.
 async fn serve_http<IO>(
     io: IO,
     proto: Proto,
     info: ConnInfo,
     shared: &Arc<Shared>,
     upstream: Arc<Upstream>,
+    conn: &Arc<ConnState>,
+    first_request: tokio::time::Instant,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (header_timeout, park_after, streams, max_header) = shared.active.load().as_ref().map_or(
-        (Duration::from_secs(10), Duration::ZERO, 256, 65536),
-        |a| {
+    let (header_timeout, park_after, idle, streams, max_header) =
+        shared.active.load().as_ref().map_or(
             (
-                a.timeouts.header_read,
-                a.timeouts.park_idle_after,
-                a.settings.limits.max_concurrent_streams,
-                a.settings.limits.max_header_bytes,
-            )
-        },
-    );
+                Duration::from_secs(10),
+                Duration::ZERO,
+                Duration::from_secs(60),
+                256,
+                65536,
+            ),
+            |a| {
+                (
+                    a.timeouts.header_read,
+                    a.timeouts.park_idle_after,
+                    a.timeouts.idle,
+                    a.settings.limits.max_concurrent_streams,
+                    a.settings.limits.max_header_bytes,
+                )
+            },
+        );
     let info = Arc::new(info);
     // HTTP/1.1 over TLS is served in generations that park while idle (see `park`).
     let track = matches!(proto, Proto::Http1).then(Track::new);
     let shared2 = shared.clone();
     let track2 = track.clone();
+    let conn2 = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
         let guard = track2.as_ref().map(|t| t.begin(&req));
+        let in_flight = conn2.begin();
         let (info, shared, upstream) = (info.clone(), shared2.clone(), upstream.clone());
         // Boxed: hyper keeps the service future inline in every connection's state, so an
         // idle keep-alive connection would carry the whole request pipeline's state machine.
         Box::pin(async move {
             let resp = handle(req, &info, &shared, &upstream).await;
+            drop(in_flight);
             Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, guard)))
         })
     });
@@ -321,27 +392,107 @@ async fn serve_http<IO>(
                 header_timeout,
                 parked: shared.metrics.parked_connections.clone(),
             };
-            crate::park::serve_http1(io, svc, track, &b, parking)
-                .await
-                .map_err(Into::into)
+            let serve = crate::park::serve_http1(io, svc, track, &b, parking);
+            tokio::pin!(serve);
+            tokio::select! {
+                r = &mut serve => r.map_err(Into::into),
+                _ = tokio::time::sleep_until(first_request), if !conn.requested() => {
+                    if conn.requested() {
+                        serve.await.map_err(Into::into)
+                    } else {
+                        fail_conn(shared, "first_request_timeout");
+                        Ok(())
+                    }
+                }
+            }
         }
-        (Proto::Http2, _) => {
+        _ => {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             h2_limits!(b);
-            Box::pin(b.serve_connection(TokioIo::new(io), svc))
-                .await
-                .map_err(Into::into)
-        }
-        (Proto::Detect | Proto::Http1, _) => {
-            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            h1_limits!(b.http1());
-            let mut h2 = b.http2();
-            h2_limits!(h2);
-            Box::pin(b.serve_connection_with_upgrades(TokioIo::new(io), svc)).await
+            let c = Box::pin(b.serve_connection(TokioIo::new(io), svc));
+            Box::pin(serve_h2_with_deadlines(
+                c,
+                conn,
+                first_request,
+                idle,
+                shared,
+            ))
+            .await
         }
     };
     if let Err(e) = ended {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Counts a connection closed before it served anything, by reason.
+fn fail_conn(shared: &Shared, reason: &'static str) {
+    shared
+        .metrics
+        .handshake_failures
+        .get_or_create(&crate::metrics::ReasonLabels { reason })
+        .inc();
+}
+
+/// Drives an HTTP/2 connection with its deadlines: closed if no request has arrived by
+/// `first_request` (a caller that never sends the preface, SETTINGS or a HEADERS frame),
+/// sent GOAWAY when no stream has been open for `idle` (open streams finish first), and
+/// dropped if it still has not ended a while after that.
+async fn serve_h2_with_deadlines<C>(
+    mut c: Pin<Box<C>>,
+    conn: &ConnState,
+    first_request: tokio::time::Instant,
+    idle: Duration,
+    shared: &Shared,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>> + GracefulH2,
+{
+    let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    let mut goaway_at: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            r = c.as_mut() => return r.map_err(Into::into),
+            _ = tokio::time::sleep_until(first_request), if !conn.requested() => {
+                if !conn.requested() {
+                    fail_conn(shared, "first_request_timeout");
+                    return Ok(());
+                }
+            }
+            _ = ticker.tick() => {
+                let now = tokio::time::Instant::now();
+                match goaway_at {
+                    None if conn.requested() && conn.idle_ms(now_ms()) >= idle.as_millis() as u64 => {
+                        c.as_mut().graceful();
+                        goaway_at = Some(now);
+                    }
+                    Some(at) if now.duration_since(at) > idle.max(Duration::from_secs(1)) => {
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// hyper's HTTP/2 server connection, whose graceful shutdown sends GOAWAY.
+trait GracefulH2 {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+impl<I, S, E, B> GracefulH2 for hyper::server::conn::http2::Connection<I, S, E>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 
@@ -412,11 +563,15 @@ pub async fn authenticate(
         let Some(v) = active.jwt.get(id) else {
             continue;
         };
-        let Some(raw) = headers
-            .get(v.provider.token_header.as_str())
-            .and_then(|h| h.to_str().ok())
-        else {
+        let mut values = headers.get_all(v.provider.token_header.as_str()).iter();
+        let Some(raw) = values.next() else {
             continue;
+        };
+        if values.next().is_some() {
+            return Err(AuthnError::Ambiguous);
+        }
+        let Ok(raw) = raw.to_str() else {
+            return Err(AuthnError::Malformed);
         };
         let token = if v.provider.token_header == "authorization" {
             match raw.split_once(' ') {
@@ -449,18 +604,28 @@ pub async fn authenticate(
             continue;
         };
         let presented = match (&set.provider.header, &set.provider.query) {
-            (Some(h), _) if headers.contains_key(h.as_str()) => headers
-                .get(h.as_str())
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-            (_, Some(q)) => query
-                .and_then(|qs| {
-                    qs.split('&').find_map(|kv| {
+            (Some(h), _) if headers.contains_key(h.as_str()) => {
+                let mut values = headers.get_all(h.as_str()).iter();
+                let first = values.next().and_then(|v| v.to_str().ok());
+                if values.next().is_some() {
+                    return Err(AuthnError::Ambiguous);
+                }
+                first.map(str::to_owned)
+            }
+            (_, Some(q)) => {
+                let mut values = query
+                    .into_iter()
+                    .flat_map(|qs| qs.split('&'))
+                    .filter_map(|kv| {
                         kv.strip_prefix(q.as_str())
                             .and_then(|r| r.strip_prefix('='))
-                    })
-                })
-                .map(str::to_owned),
+                    });
+                let first = values.next();
+                if values.next().is_some() {
+                    return Err(AuthnError::Ambiguous);
+                }
+                first.map(str::to_owned)
+            }
             _ => None,
         };
         let Some(presented) = presented else { continue };
@@ -536,6 +701,7 @@ const DEPRECATION: HeaderName = HeaderName::from_static("deprecation");
 const SUNSET: HeaderName = HeaderName::from_static("sunset");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -659,7 +825,9 @@ pub async fn handle(
                     .authn_failures
                     .get_or_create(&crate::metrics::ReasonLabels { reason: e.code() })
                     .inc();
-                if audit_port {
+                // An ambiguous request is refused in Audit mode too: the app would pick
+                // one of the credentials itself.
+                if audit_port && e != AuthnError::Ambiguous {
                     authn_would_deny = Some(e.code());
                     Caller::default()
                 } else {
@@ -673,11 +841,13 @@ pub async fn handle(
                         None,
                         "deny",
                         e.code(),
-                        401,
+                        e.status(),
                         start,
                     );
-                    record_simple(shared, "deny", e.code(), 401);
-                    return refusal(StatusCode::UNAUTHORIZED, e.code(), &rid);
+                    record_simple(shared, "deny", e.code(), e.status());
+                    let status =
+                        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+                    return refusal(status, e.code(), &rid);
                 }
             }
         },
@@ -818,7 +988,10 @@ fn request_checks(
     req: &Request<Incoming>,
     limits: &apiward_policy::config::RequestLimits,
 ) -> Result<(), (StatusCode, &'static str)> {
-    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+    // HTTP/2 carries a body without `content-length` or `transfer-encoding`: a request has
+    // one unless its headers ended the stream (the same test holds for HTTP/1.1).
+    let has_body = !http_body::Body::is_end_stream(req.body())
+        || req.headers().contains_key(header::TRANSFER_ENCODING)
         || req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -896,7 +1069,11 @@ async fn forward(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
-    let upgrade = parts.version == Version::HTTP_11 && parts.headers.contains_key(header::UPGRADE);
+    // Only a WebSocket handshake (RFC 6455) is tunnelled once the app answers 101; any other
+    // `Upgrade` (h2c, TLS, unknown protocols) is removed and the request served as HTTP/1.1,
+    // so no later request on the connection can pass unchecked.
+    let upgrade = parts.version == Version::HTTP_11 && is_websocket_handshake(&parts);
+    parts.headers.remove(HTTP2_SETTINGS);
     let client_upgrade = if upgrade {
         Some(hyper::upgrade::on(parts_to_request(&mut parts)))
     } else {
@@ -915,6 +1092,7 @@ async fn forward(
     }
     // Identity headers: remove every incoming copy, then set what was verified.
     parts.headers.remove(&active.identity_header);
+    strip_underscore_spellings(&mut parts.headers, active, port);
     let mut forwarded: Vec<(HeaderName, String)> = Vec::new();
     for id in port.map(|p| p.jwt_providers.as_slice()).unwrap_or_default() {
         if let Some(v) = active.jwt.get(id) {
@@ -966,12 +1144,24 @@ async fn forward(
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(http::uri::Scheme::HTTP);
     uri.authority = Some(upstream.authority.clone());
+    // The app gets the path the decision was made on, not the raw one.
     uri.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        if decision.path.is_empty() || decision.path == parts.uri.path() {
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+        } else {
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{}?{q}", decision.path),
+                None => decision.path.clone(),
+            };
+            match http::uri::PathAndQuery::try_from(pq) {
+                Ok(pq) => pq,
+                Err(_) => return refusal(StatusCode::BAD_REQUEST, "invalid_path", rid),
+            }
+        },
     );
     parts.uri = match http::Uri::from_parts(uri) {
         Ok(u) => u,
@@ -993,6 +1183,19 @@ async fn forward(
     let max_body = limits.max_body_bytes.unwrap_or(u64::MAX);
     let body: ProxyBody =
         if let (Some(depth), true) = (limits.max_json_depth, is_json(&parts.headers)) {
+            // A body check must read the body: a compressed one cannot be read here, and
+            // passing it unread would skip the check.
+            if parts
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+            {
+                return refusal(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "compressed_body_unsupported",
+                    rid,
+                );
+            }
             let cap = max_body.min(active.settings.limits.max_filtered_response_bytes as u64);
             match LimitedBody::new(body, cap, tripped.clone()).collect().await {
                 Ok(c) => {
@@ -1049,6 +1252,22 @@ async fn forward(
         return r;
     }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let to_websocket = resp
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+        if client_upgrade.is_none() || !to_websocket {
+            // A switch nobody asked for (or to another protocol): nothing is tunnelled.
+            tracing::warn!(
+                request_id = rid,
+                "the app switched protocols unasked; refused"
+            );
+            let mut r = refusal(StatusCode::BAD_GATEWAY, "upstream_protocol_switch", rid);
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
         if let Some(client_up) = client_upgrade {
             let upstream_up = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
@@ -1064,6 +1283,76 @@ async fn forward(
         return Response::from_parts(rp, full(Bytes::new()));
     }
     filter_response(resp, slot, port, decision, rid, active, shared).await
+}
+
+/// An RFC 6455 opening handshake: `GET`, `Upgrade: websocket` (the only protocol),
+/// `Connection: upgrade`, version 13 and a 16-byte base64 key.
+fn is_websocket_handshake(parts: &http::request::Parts) -> bool {
+    let h = &parts.headers;
+    let one = |name: &HeaderName| {
+        let mut it = h.get_all(name).iter();
+        match (it.next(), it.next()) {
+            (Some(v), None) => v.to_str().ok(),
+            _ => None,
+        }
+    };
+    parts.method == http::Method::GET
+        && one(&header::UPGRADE).is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        && one(&header::SEC_WEBSOCKET_VERSION) == Some("13")
+        && one(&header::SEC_WEBSOCKET_KEY).is_some_and(|k| {
+            k.len() == 24
+                && k.ends_with("==")
+                && k.bytes()
+                    .take(22)
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        })
+}
+
+/// Removes incoming headers that spell a header the sidecar sets (or refuses) with
+/// underscores: CGI, WSGI and Rack turn `x_user_id` into the same variable as
+/// `x-user-id`, so the app would read the caller's value as a verified one.
+fn strip_underscore_spellings(h: &mut HeaderMap, active: &Active, port: Option<&PortPolicy>) {
+    if !h.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    let claim_headers = port
+        .map(|p| p.jwt_providers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|id| active.jwt.get(id))
+        .flat_map(|v| v.provider.forward_claims.values());
+    let mut protected: Vec<&str> = vec![
+        active.identity_header.as_str(),
+        "x-forwarded-for",
+        "x-request-id",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ];
+    protected.extend(apiward_policy::engine::PATH_OVERRIDE_HEADERS);
+    protected.extend(claim_headers.map(String::as_str));
+    let doomed: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            k.contains('_')
+                && protected.iter().any(|p| {
+                    p.len() == k.len()
+                        && p.bytes()
+                            .zip(k.bytes())
+                            .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+                })
+        })
+        .cloned()
+        .collect();
+    for n in doomed {
+        h.remove(n);
+    }
 }
 
 /// Builds a throwaway request around the parts so hyper can register the upgrade
@@ -1127,14 +1416,44 @@ async fn filter_response(
     let fields = response
         .map(|r| r.remove_fields.as_slice())
         .unwrap_or_default();
-    if fields.is_empty() || !is_json(&parts.headers) {
+    if fields.is_empty() || !has_body(&parts) {
         return Response::from_parts(parts, HeldBody::new(body, slot).boxed());
     }
+    let refuse_unreadable = response
+        .is_some_and(|r| r.on_unfilterable == apiward_policy::config::OnUnfilterable::Refuse);
+    let unreadable = |parts: http::response::Parts, body: ProxyBody| {
+        if refuse_unreadable {
+            refusal(StatusCode::BAD_GATEWAY, "response_not_filterable", rid)
+        } else {
+            Response::from_parts(parts, body)
+        }
+    };
     let cap = active.settings.limits.max_filtered_response_bytes;
+    // JSON is filtered; text and untyped bodies too when they parse as JSON (the same record
+    // as `text/plain` must not slip through); anything else, or anything compressed, is
+    // unreadable. Only what may be JSON is buffered (up to the cap).
+    let encoded = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let declared_len = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let json = is_json(&parts.headers);
+    if encoded || !(json || may_be_json(&parts.headers)) || declared_len.is_some_and(|n| n > cap) {
+        return unreadable(parts, HeldBody::new(body, slot).boxed());
+    }
     let bytes = match http_body_util::Limited::new(body, cap).collect().await {
         Ok(c) => c.to_bytes(),
         Err(_) => return refusal(StatusCode::BAD_GATEWAY, "response_not_filterable", rid),
     };
+    drop(slot);
+    if bytes.is_empty() {
+        // Nothing to filter (a HEAD response, an empty body).
+        return Response::from_parts(parts, full(bytes));
+    }
     let out = match serde_json::from_slice::<Value>(&bytes) {
         Ok(mut v) => {
             for f in fields {
@@ -1142,10 +1461,28 @@ async fn filter_response(
             }
             Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
         }
-        Err(_) => return refusal(StatusCode::BAD_GATEWAY, "response_not_filterable", rid),
+        Err(_) if json => return refusal(StatusCode::BAD_GATEWAY, "response_not_filterable", rid),
+        Err(_) => return unreadable(parts, full(bytes)),
     };
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, full(out))
+}
+
+/// Whether a response has a body at all (`204`, `304` and `Content-Length: 0` do not).
+fn has_body(parts: &http::response::Parts) -> bool {
+    !matches!(parts.status.as_u16(), 204 | 304)
+        && parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() != b"0")
+}
+
+/// Text or no content type at all: a body that may still be JSON.
+fn may_be_json(h: &HeaderMap) -> bool {
+    match h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(ct) => ct.trim_start().to_ascii_lowercase().starts_with("text/"),
+    }
 }
 
 /// RFC 9110 IMF-fixdate.

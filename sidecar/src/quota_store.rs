@@ -88,6 +88,10 @@ pub struct QuotaStoreSettings {
     /// Prefix of every Redis key.
     #[serde(default = "default_prefix")]
     pub key_prefix: String,
+    /// Most keys with a lease cached here; a new key beyond them asks Redis for each of
+    /// its requests instead (never refused for lack of room).
+    #[serde(default = "default_max_leased_keys")]
+    pub max_leased_keys: usize,
 }
 
 fn default_timeout() -> String {
@@ -98,6 +102,9 @@ fn default_max_lease() -> u64 {
 }
 fn default_lease_ttl() -> String {
     "1s".into()
+}
+fn default_max_leased_keys() -> usize {
+    MAX_LEASED_KEYS
 }
 fn default_prefix() -> String {
     "apiward:".into()
@@ -124,6 +131,9 @@ impl QuotaStoreSettings {
             if d.is_zero() {
                 return Err((f(name), "must be longer than 0s".into()));
             }
+        }
+        if self.max_leased_keys == 0 {
+            return Err((f("maxLeasedKeys"), "must be at least 1".into()));
         }
         if !(1..=10_000).contains(&self.max_lease) {
             return Err((f("maxLease"), "must be between 1 and 10000".into()));
@@ -444,7 +454,28 @@ impl GlobalQuotas {
         }
         let id = self.redis_key(q, key, now_ms);
         loop {
-            let slot = self.slot(&id)?;
+            let slot = match self.slot(&id) {
+                Ok(s) => s,
+                // No room to cache a lease for another key: this one request asks the
+                // store itself (slower for new keys while the table is full, counted
+                // exactly, never refused for lack of room).
+                Err(StoreError::Full) => {
+                    return match self.lease(q, &id, 1, 0, now_ms).await {
+                        Ok((granted, v)) => {
+                            self.succeeded();
+                            Ok(QuotaVerdict {
+                                allowed: granted > 0 && v.allowed,
+                                ..v
+                            })
+                        }
+                        Err(e) => {
+                            self.failed(now_ms);
+                            Err(e)
+                        }
+                    };
+                }
+                Err(e) => return Err(e),
+            };
             let _fetching = slot.fetch.lock().await;
             if slot.removed.load(Ordering::Acquire) {
                 continue; // swept while we waited: take the new slot
@@ -506,7 +537,7 @@ impl GlobalQuotas {
         if let Some(s) = slots.get(id) {
             return Ok(s.clone());
         }
-        if slots.len() >= MAX_LEASED_KEYS {
+        if slots.len() >= self.settings.max_leased_keys {
             return Err(StoreError::Full);
         }
         let s = Arc::new(Slot::default());

@@ -141,9 +141,18 @@ pub struct Limits {
     /// Time allowed to send the request head (slowloris), e.g. `10s`.
     #[serde(default = "default_header_timeout")]
     pub header_read_timeout: String,
-    /// Time allowed for the TLS handshake.
+    /// Time allowed for the TLS handshake (and, before it, for the first byte).
     #[serde(default = "default_header_timeout")]
     pub handshake_timeout: String,
+    /// Time allowed from the end of the handshake (or the first byte, in plaintext) until a
+    /// first request head has arrived: protocol detection, the HTTP/2 preface and SETTINGS,
+    /// the first head. A connection that sends nothing usable is closed after it.
+    #[serde(default = "default_header_timeout")]
+    pub first_request_timeout: String,
+    /// An HTTP/2 connection with no stream open for this long is closed gracefully (GOAWAY).
+    /// HTTP/1.1 keep-alive connections are closed after `headerReadTimeout` of idleness.
+    #[serde(default = "default_h2_idle")]
+    pub idle_timeout: String,
     /// Idle keep-alive connections to the app are closed after this.
     #[serde(default = "default_idle")]
     pub upstream_idle_timeout: String,
@@ -180,6 +189,9 @@ fn default_header_timeout() -> String {
 fn default_idle() -> String {
     "90s".into()
 }
+fn default_h2_idle() -> String {
+    "60s".into()
+}
 fn default_park() -> String {
     "2ms".into()
 }
@@ -210,6 +222,10 @@ pub struct Timeouts {
     pub upstream_idle: Duration,
     /// Idle inbound HTTP/1.1 connections park after this.
     pub park_idle_after: Duration,
+    /// From the handshake to the first request head.
+    pub first_request: Duration,
+    /// HTTP/2 connections without streams.
+    pub idle: Duration,
 }
 
 /// A settings file that cannot be used.
@@ -355,6 +371,11 @@ impl Settings {
                 &self.limits.upstream_idle_timeout,
             )?,
             park_idle_after: d("limits.parkIdleAfter", &self.limits.park_idle_after)?,
+            first_request: d(
+                "limits.firstRequestTimeout",
+                &self.limits.first_request_timeout,
+            )?,
+            idle: d("limits.idleTimeout", &self.limits.idle_timeout)?,
         })
     }
 }

@@ -19,8 +19,9 @@ use crate::settings::{Settings, Timeouts};
 pub const JWKS_REFRESH: Duration = Duration::from_secs(300);
 /// TLS handshakes in progress at once; more wait (within the handshake timeout).
 pub const MAX_HANDSHAKES: usize = 32;
-/// Most quota keys held in memory.
-pub const MAX_QUOTA_KEYS: usize = 100_000;
+/// Most keys held in memory for one Local quota (a full quota gives up its least-spent
+/// key for a new one; see `LocalQuotas`).
+pub const MAX_QUOTA_KEYS: usize = 16_384;
 
 /// One loaded, validated config and everything derived from it.
 pub struct Active {
@@ -107,6 +108,9 @@ pub struct Shared {
     pub identity: Option<Arc<crate::identity::WorkloadIdentity>>,
     /// TLS handshakes allowed at once ([`MAX_HANDSHAKES`]).
     pub handshakes: tokio::sync::Semaphore,
+    /// Connections that have not sent a request yet (reclaimed first at the connection
+    /// limit).
+    pub fresh: Arc<crate::deadline::Fresh>,
     /// Endpoints served since the last report.
     pub inventory: crate::inventory::Inventory,
     /// The last config pushed by the operator that validated (see [`crate::control`]).
@@ -137,6 +141,7 @@ impl Shared {
             counter: Default::default(),
             identity: None,
             handshakes: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
+            fresh: Default::default(),
             pushed: ArcSwapOption::empty(),
             mesh: ArcSwapOption::empty(),
             inventory: Default::default(),

@@ -110,16 +110,19 @@ pub fn server_config_with(
     Ok(Arc::new(cfg))
 }
 
-/// The SPIFFE ID (URI SAN starting with `spiffe://`) of a verified peer certificate.
+/// The SPIFFE ID of a verified peer certificate: its URI SAN, which must be the only one
+/// (an X.509-SVID has exactly one) and start with `spiffe://`. `None` otherwise.
 pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let san = parsed.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
-            Some((*u).to_owned())
-        }
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
         _ => None,
-    })
+    });
+    match (uris.next(), uris.next()) {
+        (Some(u), None) if u.starts_with("spiffe://") => Some(u.to_owned()),
+        _ => None,
+    }
 }
 
 /// A client config trusting the public web roots plus an optional extra CA file

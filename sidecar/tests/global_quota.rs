@@ -715,3 +715,39 @@ async fn a_global_delay_quota_waits_instead_of_refusing() {
     let statuses = load(std::slice::from_ref(&base), "/a", "acme", 6, 6).await;
     assert!(statuses.contains(&429), "{statuses:?}");
 }
+
+/// A spray of distinct keys fills the table of cached leases; afterwards new keys are
+/// still counted exactly (each request asks Redis) instead of failing with a store error
+/// that `FailClosed` would turn into a 429 for everyone new.
+#[tokio::test]
+async fn a_full_lease_table_still_serves_new_keys_exactly() {
+    let redis = Redis::start();
+    let s: QuotaStoreSettings =
+        serde_json::from_value(json!({"url": redis.url(), "maxLease": 8, "maxLeasedKeys": 50}))
+            .unwrap();
+    let g = GlobalQuotas::new(&s, StoreMetrics::default()).unwrap();
+    let day = store_quota(
+        Window::Calendar(CalendarUnit::Day),
+        3,
+        OnStoreError::FailClosed,
+    );
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let now = move || t;
+    for i in 0..200 {
+        let v = g.acquire(&day, &format!("spray-{i}"), &now).await.unwrap();
+        assert!(v.allowed, "spray {i}");
+    }
+    assert_eq!(g.leased_keys(), 50, "the table is full");
+    // A new key beyond the table: allowed exactly 3 times, then refused by the quota (not
+    // by a store error).
+    for i in 0..3 {
+        let v = g.acquire(&day, "newcomer", &now).await;
+        assert!(v.as_ref().is_ok_and(|v| v.allowed), "newcomer {i}: {v:?}");
+    }
+    let v = g.acquire(&day, "newcomer", &now).await.unwrap();
+    assert!(!v.allowed);
+    assert_eq!(v.remaining, 0);
+}

@@ -529,6 +529,10 @@ fn compile_policy(
         remove_fields: rf.remove_fields,
         remove_headers: rf.remove_headers,
         mask_server_errors: rf.mask_server_errors.unwrap_or(true),
+        on_unfilterable: match rf.on_unfilterable {
+            Some(apiward_crds::OnUnfilterable::Pass) => wire::OnUnfilterable::Pass,
+            Some(apiward_crds::OnUnfilterable::Refuse) | None => wire::OnUnfilterable::Refuse,
+        },
     };
     let egress = p.spec.egress.as_ref().map(|e| {
         e.allow
@@ -623,6 +627,10 @@ fn merge_port(port: u16, parts: &[&Compiled]) -> Result<wire::PortPolicy, String
         remove_headers.extend(c.response.remove_headers.iter().cloned());
         remove_fields.extend(c.response.remove_fields.iter().cloned());
         p.response.mask_server_errors |= c.response.mask_server_errors;
+        // Merged, the stricter wins: one policy refusing unreadable responses is enough.
+        if c.response.on_unfilterable == wire::OnUnfilterable::Refuse {
+            p.response.on_unfilterable = wire::OnUnfilterable::Refuse;
+        }
         if let Some(a) = &c.api {
             p.api.declared = true;
             p.api.undeclared = match (p.api.undeclared, a.undeclared) {

@@ -384,8 +384,8 @@ pub struct RequestLimits {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResponseFilter {
-    /// JSON pointers (RFC 6901) removed from JSON response bodies; `-` is not allowed and
-    /// a `*` token matches every array element or object member.
+    /// JSON pointers (RFC 6901) removed from JSON response bodies; `-` is not allowed, a
+    /// `*` token matches every array element or object member, and `**` any depth.
     #[serde(default)]
     pub remove_fields: Vec<String>,
     /// Response headers removed, lower case.
@@ -394,6 +394,20 @@ pub struct ResponseFilter {
     /// Replace upstream 5xx bodies with a generic `application/problem+json`.
     #[serde(default)]
     pub mask_server_errors: bool,
+    /// With `removeFields`: what to do with a response the filter cannot read (not JSON,
+    /// compressed, too large). Absent: `Pass`, as sidecars did before it existed.
+    #[serde(default)]
+    pub on_unfilterable: OnUnfilterable,
+}
+
+/// What happens to a response the field filter cannot read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum OnUnfilterable {
+    /// Sent as it is.
+    #[default]
+    Pass,
+    /// Refused with 502 `response_not_filterable`.
+    Refuse,
 }
 
 /// The declared API surface of a port.

@@ -40,8 +40,10 @@ pub enum Reason {
     InvalidPath,
     /// TRACE, TRACK or CONNECT.
     MethodNotAllowed,
-    /// A method-override header was sent.
+    /// A method-override header (or `_method` query parameter) was sent.
     MethodOverride,
+    /// A header frameworks read as the path (`X-Original-URL`, `X-Rewrite-URL`) was sent.
+    PathOverride,
     /// The endpoint is not declared and undeclared endpoints are denied.
     UndeclaredEndpoint,
     /// The endpoint is past its sunset date.
@@ -63,6 +65,7 @@ impl Reason {
             Reason::InvalidPath => "invalid_path",
             Reason::MethodNotAllowed => "method_not_allowed",
             Reason::MethodOverride => "method_override",
+            Reason::PathOverride => "path_override",
             Reason::UndeclaredEndpoint => "undeclared_endpoint",
             Reason::Sunset => "sunset",
             Reason::QuotaExceeded => "quota_exceeded",
@@ -75,7 +78,7 @@ impl Reason {
             Reason::Allowed | Reason::NoPolicy => 200,
             Reason::DeniedByRule | Reason::NoMatchingRule | Reason::BindingFailed => 403,
             Reason::Unauthenticated => 401,
-            Reason::InvalidPath | Reason::MethodOverride => 400,
+            Reason::InvalidPath | Reason::MethodOverride | Reason::PathOverride => 400,
             Reason::MethodNotAllowed => 405,
             Reason::UndeclaredEndpoint => 404,
             Reason::Sunset => 410,
@@ -226,6 +229,9 @@ pub struct Decision<'e> {
     /// Quotas the store could not answer at once (Global quotas whose local lease is
     /// spent): the caller asks the store asynchronously, then [`Engine::settle_quota`].
     pub pending: Vec<PendingQuota>,
+    /// The normalized path the decision was made on, which the sidecar forwards (empty
+    /// when the request was refused before its path was read).
+    pub path: String,
 }
 
 /// A quota left for the caller to count (see [`Decision::pending`]).
@@ -335,6 +341,8 @@ pub struct EngineError {
 #[derive(Debug)]
 pub struct Engine {
     version: String,
+    /// The mesh's SPIFFE trust domain: `namespaces` match only identities of it.
+    trust_domain: String,
     default_mtls: MtlsMode,
     ports: HashMap<u16, PortEngine>,
 }
@@ -600,6 +608,7 @@ impl Engine {
         }
         Ok(Self {
             version: cfg.version.clone(),
+            trust_domain: cfg.trust_domain.clone(),
             default_mtls: cfg.default_mtls,
             ports,
         })
@@ -645,6 +654,7 @@ impl Engine {
             sunset_unix: None,
             mtls,
             pending: Vec::new(),
+            path: String::new(),
         };
         let refuse = |d: &mut Decision<'e>, reason: Reason| {
             d.allowed = false;
@@ -663,8 +673,18 @@ impl Engine {
         ]
         .iter()
         .any(|h| req.headers.contains(h))
+            || req.query.is_some_and(has_method_override_param)
         {
             refuse(&mut d, Reason::MethodOverride);
+            return d;
+        }
+        // Headers Symfony, Zend and IIS read as the path instead of the request line's:
+        // the app would route a path the policy never saw.
+        if PATH_OVERRIDE_HEADERS
+            .iter()
+            .any(|h| req.headers.contains(h))
+        {
+            refuse(&mut d, Reason::PathOverride);
             return d;
         }
         let path = match normalize(req.path) {
@@ -688,6 +708,7 @@ impl Engine {
                     format!("no policy selects port {}: allowed", req.port),
                 ));
             }
+            d.path = path.into_string();
             return d;
         };
         if trace.enabled() && path.as_str() != req.path {
@@ -952,6 +973,7 @@ impl Engine {
         if d.template.is_none() {
             d.template = matched.first().map(|&t| port.router.template(t).as_str());
         }
+        d.path = path.into_string();
         d
     }
 
@@ -971,7 +993,9 @@ impl Engine {
                 return false;
             }
             if !c.namespaces.is_empty() {
-                let ns = id.peer.and_then(spiffe_namespace);
+                let ns = id
+                    .peer
+                    .and_then(|p| spiffe_namespace(p, &self.trust_domain));
                 if !ns.is_some_and(|n| c.namespaces.iter().any(|x| x == n)) {
                     return false;
                 }
@@ -1226,10 +1250,51 @@ fn step(policy: &str, name: &str, matched: bool, why: String) -> TraceStep {
     }
 }
 
-fn spiffe_namespace(id: &str) -> Option<&str> {
+/// Request headers some frameworks take as the path to route.
+pub const PATH_OVERRIDE_HEADERS: [&str; 4] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-override-url",
+    "x-original-uri",
+];
+
+/// `_method=` (any case, encoded or not) in a query string: Rails, Laravel and Express's
+/// method-override read it as the method.
+fn has_method_override_param(query: &str) -> bool {
+    query.split('&').any(|kv| {
+        let k = kv.split_once('=').map_or(kv, |(k, _)| k);
+        let rest = if k.len() >= 3 && k.as_bytes()[..3].eq_ignore_ascii_case(b"%5f") {
+            Some(&k[3..])
+        } else {
+            k.strip_prefix('_')
+        };
+        rest.is_some_and(|r| r.eq_ignore_ascii_case("method"))
+            || k.eq_ignore_ascii_case("x-http-method-override")
+            || k.eq_ignore_ascii_case("x-method-override")
+    })
+}
+
+/// The namespace of `spiffe://<trust_domain>/ns/<namespace>/sa/<name>`: `None` for an ID
+/// of another trust domain or of another shape.
+fn spiffe_namespace<'a>(id: &'a str, trust_domain: &str) -> Option<&'a str> {
     let rest = id.strip_prefix("spiffe://")?;
-    let (_, path) = rest.split_once('/')?;
-    path.strip_prefix("ns/")?.split('/').next()
+    let (td, path) = rest.split_once('/')?;
+    if td != trust_domain {
+        return None;
+    }
+    let mut parts = path.split('/');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some("ns"), Some(ns), Some("sa"), Some(sa), None) if !ns.is_empty() && !sa.is_empty() => {
+            Some(ns)
+        }
+        _ => None,
+    }
 }
 
 fn describe_identity(id: &Identity<'_>) -> String {

@@ -9,8 +9,18 @@
 //!    hex of every other encoding;
 //! 3. refuses encodings that would hide a separator or a traversal: `%2F` (`/`), `%5C`
 //!    (`\`), `%25` (double encoding), `%00`, and segments that decode to `.` or `..`;
-//! 4. merges duplicate slashes (`/users//43` → `/users/43`) and resolves plain dot
+//! 4. removes `;` path parameters from every segment, as Tomcat and Spring do before they
+//!    route (`/public/..;/admin` is `/public/../admin`, so `/admin`; `/a;jsessionid=1/b` is
+//!    `/a/b`), so no backend resolves a path the policy did not see;
+//! 5. refuses segments whose percent-decoding is not valid UTF-8 (overlong `%c0%ae`),
+//!    that decode to look-alikes of `/`, `\` or `.` (fullwidth `／` `．` `＼`, division and
+//!    fraction slashes, small and one-dot leaders), or that end in a dot or white space
+//!    (`/admin.`, `/admin%20`: Windows and IIS strip them);
+//! 6. merges duplicate slashes (`/users//43` → `/users/43`) and resolves plain dot
 //!    segments (`/users/42/../43` → `/users/43`), never climbing above the root.
+//!
+//! The sidecar forwards the normalized path: the app receives exactly the path the
+//! decision was made on.
 //!
 //! Ambiguous input is refused (400), never guessed.
 
@@ -35,7 +45,31 @@ pub enum PathError {
     /// Too many segments or too long.
     #[error("the path is too long")]
     TooLong,
+    /// A segment whose percent-decoding is not valid UTF-8.
+    #[error("the path decodes to invalid UTF-8")]
+    InvalidUtf8,
+    /// A segment that decodes to a look-alike of `/`, `\` or `.`.
+    #[error("the path encodes a look-alike of a separator or a dot")]
+    Confusable,
+    /// A segment ending in a dot or white space, which some servers strip.
+    #[error("a path segment ends in a dot or white space")]
+    TrailingDotOrSpace,
 }
+
+/// Code points that Unicode compatibility normalization (NFKC) or a server's "best fit"
+/// mapping turns into `/`, `\` or `.`.
+const CONFUSABLES: [char; 10] = [
+    '\u{FF0F}', // fullwidth solidus
+    '\u{FF0E}', // fullwidth full stop
+    '\u{FF3C}', // fullwidth reverse solidus
+    '\u{2215}', // division slash
+    '\u{2044}', // fraction slash
+    '\u{2216}', // set minus
+    '\u{FE52}', // small full stop
+    '\u{FE68}', // small reverse solidus
+    '\u{2024}', // one dot leader
+    '\u{2025}', // two dot leader
+];
 
 /// Longest raw path accepted, in bytes.
 pub const MAX_PATH_LEN: usize = 8192;
@@ -65,6 +99,11 @@ impl NormalizedPath {
     /// The normalized path, e.g. `/users/43`.
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// The normalized path, owned.
+    pub fn into_string(self) -> String {
+        self.text
     }
 
     /// Number of segments (`/` has none, `/a/` has two: `a` and the empty one).
@@ -105,12 +144,18 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
     let mut text = String::with_capacity(raw.len());
     let mut segments: Vec<(u32, u32)> = Vec::with_capacity(8);
     let mut trailing_empty = false;
+    // The decoded bytes of a segment that has non-ASCII encodings, to check as UTF-8.
+    let mut decoded: Vec<u8> = Vec::new();
     for raw_seg in raw[1..].split('/') {
+        // `;` starts the segment's path parameters: they are not part of the path.
+        let raw_seg = raw_seg.split_once(';').map_or(raw_seg, |(base, _)| base);
         // Decode into the buffer after a provisional '/'.
         let seg_start = text.len();
         text.push('/');
         let start = text.len();
         let mut had_encoding = false;
+        let mut high = false;
+        decoded.clear();
         let sb = raw_seg.as_bytes();
         let mut i = 0;
         while i < sb.len() {
@@ -126,6 +171,8 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
                     };
                     let v = h * 16 + l;
                     had_encoding = true;
+                    high |= v >= 0x80;
+                    decoded.push(v);
                     if matches!(v, b'/' | b'\\' | b'%' | 0) {
                         return Err(PathError::EncodedSeparator);
                     }
@@ -141,12 +188,27 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
                 b'#' | b'\\' | b'?' => return Err(PathError::ForbiddenChar),
                 0x21..=0x7e => {
                     text.push(b as char);
+                    decoded.push(b);
                     i += 1;
                 }
                 _ => return Err(PathError::ForbiddenChar),
             }
         }
         let seg = &text[start..];
+        if high {
+            let s = std::str::from_utf8(&decoded).map_err(|_| PathError::InvalidUtf8)?;
+            if s.chars().any(|c| CONFUSABLES.contains(&c)) {
+                return Err(PathError::Confusable);
+            }
+        }
+        if !matches!(seg, "." | "..")
+            && matches!(
+                decoded.last(),
+                Some(b'.' | b' ' | b'\t' | 0x0b | 0x0c | b'\r' | b'\n')
+            )
+        {
+            return Err(PathError::TrailingDotOrSpace);
+        }
         match seg {
             "." | ".." if had_encoding => return Err(PathError::EncodedTraversal),
             "." | "" => {
@@ -221,6 +283,54 @@ mod tests {
         assert_eq!(n("/é"), Err(PathError::ForbiddenChar));
         assert_eq!(n("users"), Err(PathError::NotOriginForm));
         assert_eq!(n("*"), Err(PathError::NotOriginForm));
+    }
+
+    /// Forms backends resolve differently from a plain reading: path parameters are
+    /// removed before dot segments are resolved, as Tomcat and Spring do.
+    #[test]
+    fn path_parameters_are_removed_before_dot_segments_resolve() {
+        assert_eq!(n("/public/..;/admin/x").unwrap(), "/admin/x");
+        assert_eq!(n("/public/..;foo=bar/admin").unwrap(), "/admin");
+        assert_eq!(n("/public/.;/admin").unwrap(), "/public/admin");
+        assert_eq!(n("/a;jsessionid=0123/b").unwrap(), "/a/b");
+        assert_eq!(n("/admin;x/secret").unwrap(), "/admin/secret");
+        assert_eq!(n("/users/42;/../43").unwrap(), "/users/43");
+        assert_eq!(n("/;/admin").unwrap(), "/admin");
+        // Encoded `;` is data, not a parameter (Tomcat decodes it after removing them).
+        assert_eq!(n("/a%3Bb").unwrap(), "/a%3Bb");
+        // Encoded traversals inside parameters are still refused where they matter.
+        assert_eq!(n("/a/%2e%2e;x/b"), Err(PathError::EncodedTraversal));
+    }
+
+    #[test]
+    fn refuses_invalid_utf8_look_alikes_and_trailing_dots_or_spaces() {
+        // Overlong encodings of '.' and '/' (not UTF-8), a lone continuation byte, a
+        // truncated sequence.
+        assert_eq!(n("/a/%c0%ae%c0%ae/b"), Err(PathError::InvalidUtf8));
+        assert_eq!(n("/a%c0%afb"), Err(PathError::InvalidUtf8));
+        assert_eq!(n("/a%e0%80%aeb"), Err(PathError::InvalidUtf8));
+        assert_eq!(n("/a%80"), Err(PathError::InvalidUtf8));
+        assert_eq!(n("/a%c3"), Err(PathError::InvalidUtf8));
+        // Fullwidth solidus and full stop, division and fraction slashes.
+        assert_eq!(
+            n("/public%ef%bc%8f..%ef%bc%8fadmin"),
+            Err(PathError::Confusable)
+        );
+        assert_eq!(n("/%ef%bc%8e%ef%bc%8e/admin"), Err(PathError::Confusable));
+        assert_eq!(n("/a%ef%bc%bcb"), Err(PathError::Confusable));
+        assert_eq!(n("/a%e2%88%95b"), Err(PathError::Confusable));
+        assert_eq!(n("/a%e2%81%84b"), Err(PathError::Confusable));
+        // Trailing dots and white space on a segment.
+        assert_eq!(n("/admin./x"), Err(PathError::TrailingDotOrSpace));
+        assert_eq!(n("/admin.."), Err(PathError::TrailingDotOrSpace));
+        assert_eq!(n("/admin%20"), Err(PathError::TrailingDotOrSpace));
+        assert_eq!(n("/admin%09/x"), Err(PathError::TrailingDotOrSpace));
+        assert_eq!(n("/admin%2e"), Err(PathError::TrailingDotOrSpace));
+        // Ordinary non-ASCII and dotted names still pass.
+        assert_eq!(
+            n("/caf%c3%a9/v1.2/a.json").unwrap(),
+            "/caf%C3%A9/v1.2/a.json"
+        );
     }
 
     #[test]

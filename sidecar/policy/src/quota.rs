@@ -219,32 +219,125 @@ pub trait QuotaStore {
     }
 }
 
-/// In-memory counters with a hard cap on keys: when full, idle keys are dropped first;
-/// if none is idle, the new key is refused service by the quota (fail closed), so a client
-/// spraying random keys cannot grow memory without limit.
+/// In-memory counters, bounded per quota so that no caller can lock others out.
+///
+/// Each quota (port and index) has its own table of at most `max_keys_per_quota` keys: a
+/// client spraying distinct keys at one quota never touches another quota's counters. When
+/// a table is full, a new key takes the place of the cheapest of a few sampled entries —
+/// an idle one if there is one, else the one that has spent the least of its budget (the
+/// sprayer's keys, each used once, go first; a busy key is kept). The evicted key starts
+/// afresh if it comes back, so being full loosens the limit for the least-used keys by at
+/// most what they had spent; it never refuses a key for lack of room. Keys longer than
+/// [`MAX_RAW_KEY`] bytes are stored as a 128-bit hash, so each entry is small.
 #[derive(Debug)]
 pub struct LocalQuotas {
-    max_keys: usize,
-    state: Mutex<HashMap<(u16, usize, String), QuotaState>>,
+    max_keys_per_quota: usize,
+    state: Mutex<HashMap<(u16, usize), Partition>>,
+    evictions: std::sync::atomic::AtomicU64,
 }
 
-impl LocalQuotas {
-    /// A store holding at most `max_keys` keys.
-    pub fn new(max_keys: usize) -> Self {
-        Self {
-            max_keys,
-            state: Mutex::new(HashMap::new()),
+/// Longest key stored as it is.
+pub const MAX_RAW_KEY: usize = 64;
+
+/// Entries sampled for one eviction.
+const EVICTION_SAMPLE: usize = 8;
+
+/// One quota's keys: a vector (for O(1) random sampling) indexed by key.
+#[derive(Debug, Default)]
+struct Partition {
+    index: HashMap<Box<str>, usize>,
+    entries: Vec<(Box<str>, QuotaState)>,
+    rng: u64,
+}
+
+impl Partition {
+    fn remove_at(&mut self, i: usize) {
+        let (key, _) = self.entries.swap_remove(i);
+        self.index.remove(&key);
+        if let Some((moved, _)) = self.entries.get(i) {
+            self.index.insert(moved.clone(), i);
         }
     }
 
-    /// Keys held now.
+    /// xorshift64*: cheap, and only needs to be unpredictable enough to spread samples.
+    fn next(&mut self) -> u64 {
+        if self.rng == 0 {
+            self.rng = 0x9E37_79B9_7F4A_7C15 ^ (self.entries.len() as u64);
+        }
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// The index of the entry to give up: idle first, else the least spent.
+    fn victim(&mut self, now_ms: u64) -> usize {
+        let n = self.entries.len();
+        let mut best = (u64::MAX, 0);
+        for _ in 0..EVICTION_SAMPLE.min(n) {
+            let i = (self.next() % n as u64) as usize;
+            let state = &self.entries[i].1;
+            if is_idle(state, now_ms) {
+                return i;
+            }
+            let spent = match state {
+                QuotaState::Rolling { tat_ms } => tat_ms.saturating_sub(now_ms),
+                QuotaState::Calendar { count, .. } => *count,
+            };
+            if spent < best.0 {
+                best = (spent, i);
+            }
+        }
+        best.1
+    }
+}
+
+/// The key as stored: itself, or a 128-bit hash of it when it is long.
+fn stored_key(key: &str) -> std::borrow::Cow<'_, str> {
+    use std::hash::{BuildHasher, Hasher};
+    if key.len() <= MAX_RAW_KEY {
+        return std::borrow::Cow::Borrowed(key);
+    }
+    // Two independently keyed SipHashes (keys chosen at process start).
+    static SEEDS: std::sync::OnceLock<[std::collections::hash_map::RandomState; 2]> =
+        std::sync::OnceLock::new();
+    let seeds = SEEDS.get_or_init(Default::default);
+    let mut out = String::with_capacity(34);
+    out.push('#');
+    for s in seeds {
+        let mut h = s.build_hasher();
+        h.write(key.as_bytes());
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+impl LocalQuotas {
+    /// A store holding at most `max_keys_per_quota` keys for each quota.
+    pub fn new(max_keys_per_quota: usize) -> Self {
+        Self {
+            max_keys_per_quota: max_keys_per_quota.max(1),
+            state: Mutex::new(HashMap::new()),
+            evictions: Default::default(),
+        }
+    }
+
+    /// Keys held now, over every quota.
     pub fn len(&self) -> usize {
-        self.state.lock().map(|s| s.len()).unwrap_or(0)
+        self.state
+            .lock()
+            .map(|s| s.values().map(|p| p.entries.len()).sum())
+            .unwrap_or(0)
     }
 
     /// True when no key is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Keys given up to make room for new ones, since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -261,24 +354,26 @@ impl QuotaStore for LocalQuotas {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let id = (port, index, key.to_owned());
-        let prev = map.get(&id).copied();
-        if prev.is_none() && map.len() >= self.max_keys {
-            map.retain(|_, s| !is_idle(s, now_ms));
-            if map.len() >= self.max_keys {
-                return QuotaVerdict {
-                    allowed: false,
-                    delay_ms: 0,
-                    limit: q.requests,
-                    remaining: 0,
-                    reset_ms: 1_000,
-                    retry_after_ms: 1_000,
-                };
-            }
-        }
+        let part = map.entry((port, index)).or_default();
+        let key = stored_key(key);
+        let at = part.index.get(key.as_ref()).copied();
+        let prev = at.map(|i| part.entries[i].1);
         let (verdict, next) = acquire(q, prev, now_ms);
-        if let Some(s) = next {
-            map.insert(id, s);
+        match (at, next) {
+            (Some(i), Some(s)) => part.entries[i].1 = s,
+            (Some(i), None) => part.remove_at(i),
+            (None, Some(s)) => {
+                if part.entries.len() >= self.max_keys_per_quota {
+                    let v = part.victim(now_ms);
+                    part.remove_at(v);
+                    self.evictions
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let key: Box<str> = key.into();
+                part.index.insert(key.clone(), part.entries.len());
+                part.entries.push((key, s));
+            }
+            (None, None) => {}
         }
         verdict
     }
@@ -424,6 +519,64 @@ mod tests {
         );
         // The daily counter survived: acme is still over its quota.
         assert!(!store.acquire(80, 0, &daily, "acme", noon + 6_000).allowed);
+    }
+
+    /// The lockout the adversarial suite found: 100,000 distinct keys sprayed at one daily
+    /// quota filled the store, and afterwards new callers of every quota got 429 until
+    /// midnight. Now the sprayer's quota keeps its busy keys, and no other quota notices.
+    #[test]
+    fn a_key_spray_locks_out_nobody_on_its_quota_or_any_other() {
+        let daily = quota(
+            100,
+            86_400_000,
+            0,
+            Window::Calendar(CalendarUnit::Day),
+            OnExceed::Reject,
+        );
+        let per_ip = quota(10, 60_000, 0, Window::Rolling, OnExceed::Reject);
+        let store = LocalQuotas::new(1_000);
+        let noon = parse_rfc3339("2026-03-31T12:00:00Z").unwrap() as u64 * 1000;
+        // A real user of the sprayed quota, busy before the spray.
+        for _ in 0..50 {
+            assert!(store.acquire(80, 0, &daily, "alice", noon).allowed);
+        }
+        // 100,000 distinct header values, each used once.
+        for i in 0..100_000u64 {
+            store.acquire(80, 0, &daily, &format!("spray-{i}"), noon + i / 100);
+        }
+        assert!(store.len() <= 1_000, "bounded: {}", store.len());
+        assert!(store.evictions() >= 99_000);
+        let later = noon + 1_000_000;
+        // New users of the same quota and of another quota are served...
+        assert!(store.acquire(80, 0, &daily, "bob", later).allowed);
+        assert!(store.acquire(80, 1, &per_ip, "10.0.0.7", later).allowed);
+        assert!(store.acquire(81, 0, &daily, "carol", later).allowed);
+        // ...and the busy user kept her count: 50 more, then refused.
+        for i in 0..50 {
+            assert!(
+                store.acquire(80, 0, &daily, "alice", later).allowed,
+                "alice {i}"
+            );
+        }
+        assert!(!store.acquire(80, 0, &daily, "alice", later).allowed);
+    }
+
+    #[test]
+    fn long_keys_are_stored_as_a_hash_and_still_counted_apart() {
+        let q = quota(1, 60_000, 0, Window::Rolling, OnExceed::Reject);
+        let store = LocalQuotas::new(10);
+        let a = "a".repeat(10_000);
+        let b = format!("{}b", "a".repeat(9_999));
+        assert!(store.acquire(80, 0, &q, &a, 0).allowed);
+        assert!(
+            !store.acquire(80, 0, &q, &a, 0).allowed,
+            "the same long key counts"
+        );
+        assert!(
+            store.acquire(80, 0, &q, &b, 0).allowed,
+            "another long key is its own"
+        );
+        assert_eq!(stored_key(&a).len(), 33);
     }
 
     #[test]

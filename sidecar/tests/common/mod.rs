@@ -2,6 +2,8 @@
 //! sidecar started from a settings file, and real HTTP/1.1 and HTTP/2 clients (reqwest).
 #![allow(dead_code)]
 
+pub mod env;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -77,6 +79,23 @@ impl Pki {
         }
     }
 
+    /// A client certificate with exactly these URI SANs (none, one or several).
+    pub fn client_with_uris(&self, uris: &[&str]) -> Identity {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        for u in uris {
+            p.subject_alt_names
+                .push(SanType::URI((*u).try_into().unwrap()));
+        }
+        p.distinguished_name.push(DnType::CommonName, "client");
+        let cert = p.signed_by(&key, &self.ca).unwrap();
+        Identity {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     /// A client for `spiffe://cluster.local/ns/<ns>/sa/<sa>`.
     pub fn client(&self, ns: &str, sa: &str) -> Identity {
         self.issue(
@@ -132,8 +151,18 @@ impl Signer {
     }
 
     pub fn token(&self, claims: serde_json::Value) -> String {
+        self.token_with(claims, |_| {})
+    }
+
+    /// A token whose header `edit` changes (e.g. `crit`).
+    pub fn token_with(
+        &self,
+        claims: serde_json::Value,
+        edit: impl FnOnce(&mut jsonwebtoken::Header),
+    ) -> String {
         let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
         h.kid = Some(self.kid.clone());
+        edit(&mut h);
         jsonwebtoken::encode(&h, &claims, &self.key).unwrap()
     }
 }
@@ -204,7 +233,20 @@ pub async fn start_app() -> (SocketAddr, Arc<AtomicUsize>) {
                                     )
                                 })
                                 .collect();
-                            let (status, ct, out) = if path == "/boom" {
+                            let record = serde_json::json!({"id": 1, "passwordHash": "$argon2id$secret",
+                                "profile": {"name": "Ada", "passwordHash": "$argon2id$secret", "history": [{"passwordHash": "$argon2id$old"}]}});
+                            let (status, ct, out) = if let Some(kind) =
+                                path.strip_prefix("/records/")
+                            {
+                                // The same record in the forms a filter may be asked to read.
+                                match kind {
+                                    "text" => (200, "text/plain", record.to_string()),
+                                    "untyped" => (200, "", record.to_string()),
+                                    "xml" => (200, "application/xml", "<user><passwordHash>$argon2id$secret</passwordHash></user>".to_string()),
+                                    "gzip" => (200, "application/json", record.to_string()),
+                                    _ => (200, "application/json", record.to_string()),
+                                }
+                            } else if path == "/boom" {
                                 (500, "text/plain", "panic at src/db.rs:42: connection refused\nstack backtrace:\n 0: app::db::connect".to_string())
                             } else if path.starts_with("/users/") {
                                 let id = path.trim_start_matches("/users/");
@@ -214,7 +256,14 @@ pub async fn start_app() -> (SocketAddr, Arc<AtomicUsize>) {
                             };
                             let mut r = http::Response::new(Full::new(Bytes::from(out)).boxed());
                             *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                            r.headers_mut().insert("content-type", ct.parse().unwrap());
+                            if !ct.is_empty() {
+                                r.headers_mut().insert("content-type", ct.parse().unwrap());
+                            }
+                            if path == "/records/gzip" {
+                                // Labelled compressed (the filter cannot read it either way).
+                                r.headers_mut()
+                                    .insert("content-encoding", "gzip".parse().unwrap());
+                            }
                             r.headers_mut().insert("server", "app/1.0".parse().unwrap());
                             r.headers_mut()
                                 .insert("x-powered-by", "Express".parse().unwrap());
