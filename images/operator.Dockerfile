@@ -10,8 +10,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --locked --release -p apiward --no-default-features --bin apiward \
- && cp target/release/apiward /apiward
+    cargo build --locked --profile dist -p apiward --no-default-features --features otlp --bin apiward \
+ && cp target/dist/apiward /apiward
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /apiward /usr/local/bin/apiward

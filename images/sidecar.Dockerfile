@@ -11,8 +11,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --locked --release -p apiward-sidecar --bin apiward-sidecar \
- && cp target/release/apiward-sidecar /apiward-sidecar
+    cargo build --locked --profile dist -p apiward-sidecar --bin apiward-sidecar \
+ && cp target/dist/apiward-sidecar /apiward-sidecar
 
 FROM docker.io/library/debian:bookworm-slim AS init
 RUN apt-get update && apt-get install -y --no-install-recommends iptables \

@@ -2,9 +2,12 @@
 //! filters; default `info`), and — when an OTLP endpoint is given
 //! (`OTEL_EXPORTER_OTLP_ENDPOINT`, read once by the CLI) — the same spans exported as
 //! OpenTelemetry traces over OTLP/HTTP (protobuf) to `<endpoint>/v1/traces`, in batches
-//! from a background thread, as service `apiward-operator`.
+//! from a background thread, as service `apiward-operator`. The exporter is the `otlp`
+//! feature (on in the operator image); without it an endpoint is refused with that reason.
 
+#[cfg(feature = "otlp")]
 use opentelemetry::trace::TracerProvider as _;
+#[cfg(feature = "otlp")]
 use opentelemetry_otlp::WithExportConfig as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -12,9 +15,11 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 /// Keeps the trace exporter alive; dropping it flushes the spans not sent yet.
 #[derive(Debug, Default)]
 pub struct Telemetry {
+    #[cfg(feature = "otlp")]
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
+#[cfg(feature = "otlp")]
 impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Some(p) = self.provider.take()
@@ -38,13 +43,24 @@ pub fn traces_url(endpoint: &str) -> String {
 /// Installs the global subscriber: JSON logs, plus OTLP traces to `otlp` when given.
 /// Call before starting a tokio runtime (the exporter's HTTP client has its own).
 pub fn init(service: &str, otlp: Option<&str>) -> Result<Telemetry, String> {
+    let otlp = otlp.filter(|e| !e.is_empty());
+    #[cfg(feature = "otlp")]
     let provider = otlp
-        .filter(|e| !e.is_empty())
         .map(|endpoint| tracer_provider(service, endpoint))
         .transpose()?;
+    #[cfg(feature = "otlp")]
     let traces = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("apiward")));
+    #[cfg(not(feature = "otlp"))]
+    let traces: Option<tracing_subscriber::layer::Identity> = match otlp {
+        Some(e) => {
+            return Err(format!(
+                "cannot export traces of {service} to {e}: this apiward was built without the otlp feature (the operator image has it; cargo build --features otlp)"
+            ));
+        }
+        None => None,
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt::layer()
@@ -55,10 +71,14 @@ pub fn init(service: &str, otlp: Option<&str>) -> Result<Telemetry, String> {
         .with(logs)
         .with(traces)
         .try_init();
-    Ok(Telemetry { provider })
+    Ok(Telemetry {
+        #[cfg(feature = "otlp")]
+        provider,
+    })
 }
 
 /// Spans batched to `<endpoint>/v1/traces` over OTLP/HTTP, as `service`.
+#[cfg(feature = "otlp")]
 fn tracer_provider(
     service: &str,
     endpoint: &str,

@@ -642,7 +642,12 @@ pub async fn authenticate(
 
 /// A refusal: status, a small JSON body with a reason code and the request id, and the
 /// headers a client needs (`WWW-Authenticate`, `Retry-After`). No internal detail.
-pub fn refusal(status: StatusCode, code: &str, request_id: &str) -> Response<ProxyBody> {
+/// A response the sidecar made to refuse a request, with its reason code: the outcome is
+/// recorded as a denial with that reason, whichever stage made it.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused(pub &'static str);
+
+pub fn refusal(status: StatusCode, code: &'static str, request_id: &str) -> Response<ProxyBody> {
     let message = match status.as_u16() {
         400 => "the request is malformed or ambiguous",
         401 => "authentication is required",
@@ -662,6 +667,7 @@ pub fn refusal(status: StatusCode, code: &str, request_id: &str) -> Response<Pro
     let body = serde_json::json!({"error": {"code": code, "status": status.as_u16(), "message": message, "requestId": request_id}});
     let mut r = Response::new(full(body.to_string()));
     *r.status_mut() = status;
+    r.extensions_mut().insert(Refused(code));
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -940,14 +946,20 @@ pub async fn handle(
     }
 
     // 4. forward
-    let label = decision_label(&decision);
-    let reason = authn_would_deny.unwrap_or(decision.reason.code());
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let resp = forward(
         req, info, &active, port, &caller, &decision, &rid, upstream, limits, shared,
     )
     .await;
     let status = resp.status().as_u16();
+    // Refused while forwarding (body limits, JSON depth, the upstream, the response
+    // filter): recorded as a denial with that stage's reason, not as allowed.
+    let refused_here = resp.extensions().get::<Refused>().map(|r| r.0);
+    if refused_here.is_some() {
+        decision.allowed = false;
+    }
+    let label = decision_label(&decision);
+    let reason = refused_here.unwrap_or(authn_would_deny.unwrap_or(decision.reason.code()));
     record_status_rule(shared, label, reason, status, &decision);
     if active.settings.record_inventory {
         see(

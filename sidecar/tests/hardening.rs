@@ -683,3 +683,46 @@ async fn secrets_are_removed_at_any_depth_and_in_any_form_or_the_response_is_ref
         "text that is JSON is filtered with Pass too"
     );
 }
+
+// ---- refusals made while forwarding are denials -----------------------------------------
+
+/// A request refused after the decision (while its body streams, by the JSON-depth check, by
+/// the response filter) is counted as a denial with its own reason, not as `allowed`.
+#[tokio::test]
+async fn refusals_made_while_forwarding_are_counted_as_denials_with_their_reason() {
+    let e = env("hard-forward-refusals", filtering("Refuse")).await;
+    let c = e.checkout(false);
+    let deep = format!("{}{}", "[".repeat(20), "]".repeat(20));
+    let r = c
+        .post(format!("{}/upload", e.base))
+        .header("content-type", "application/json")
+        .body(deep)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = c
+        .get(format!("{}/records/xml", e.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let m = e.metrics().await;
+    for reason in ["json_too_deep", "response_not_filterable"] {
+        let line = m
+            .lines()
+            .find(|l| {
+                l.starts_with("apiward_sidecar_requests_total")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .unwrap_or_else(|| panic!("{reason} not counted:\n{m}"));
+        assert!(line.contains("decision=\"deny\""), "{line}");
+    }
+    assert!(
+        !m.lines()
+            .any(|l| l.starts_with("apiward_sidecar_requests_total")
+                && l.contains("decision=\"allow\"")
+                && (l.contains("status=\"400\"") || l.contains("status=\"502\""))),
+        "a refusal was counted as allowed:\n{m}"
+    );
+}
