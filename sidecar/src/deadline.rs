@@ -185,6 +185,22 @@ pub struct Rewind<IO> {
     io: IO,
 }
 
+/// Reads `prefix` first, then `io`: what [`Rewind`] and the parking stream share.
+pub fn poll_read_prefixed<IO: AsyncRead + Unpin>(
+    prefix: &mut Bytes,
+    io: &mut IO,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    if prefix.is_empty() {
+        return Pin::new(io).poll_read(cx, buf);
+    }
+    let n = prefix.len().min(buf.remaining());
+    buf.put_slice(&prefix[..n]);
+    prefix.advance(n);
+    Poll::Ready(Ok(()))
+}
+
 impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -192,13 +208,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.prefix.is_empty() {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
-        }
-        let n = this.prefix.len().min(buf.remaining());
-        buf.put_slice(&this.prefix[..n]);
-        this.prefix.advance(n);
-        Poll::Ready(Ok(()))
+        poll_read_prefixed(&mut this.prefix, &mut this.io, cx, buf)
     }
 }
 

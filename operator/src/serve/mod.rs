@@ -63,27 +63,12 @@ fn refused(r: &Refusal) -> Response<Body> {
 
 /// `spiffe://<td>/ns/<ns>/sa/<sa>` → its parts.
 pub fn parse_spiffe(uri: &str) -> Option<SpiffeId> {
-    let rest = uri.strip_prefix("spiffe://")?;
-    let (td, path) = rest.split_once('/')?;
-    let mut parts = path.split('/');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
-        (Some("ns"), Some(ns), Some("sa"), Some(sa), None)
-            if !td.is_empty() && !ns.is_empty() && !sa.is_empty() =>
-        {
-            Some(SpiffeId {
-                trust_domain: td.to_owned(),
-                namespace: ns.to_owned(),
-                service_account: sa.to_owned(),
-            })
-        }
-        _ => None,
-    }
+    let (td, ns, sa) = apiward_policy::engine::spiffe_parts(uri)?;
+    Some(SpiffeId {
+        trust_domain: td.to_owned(),
+        namespace: ns.to_owned(),
+        service_account: sa.to_owned(),
+    })
 }
 
 /// The SPIFFE ID (URI SAN) of a DER certificate.

@@ -1274,14 +1274,11 @@ fn has_method_override_param(query: &str) -> bool {
     })
 }
 
-/// The namespace of `spiffe://<trust_domain>/ns/<namespace>/sa/<name>`: `None` for an ID
-/// of another trust domain or of another shape.
-fn spiffe_namespace<'a>(id: &'a str, trust_domain: &str) -> Option<&'a str> {
+/// `spiffe://<trust_domain>/ns/<namespace>/sa/<name>` → (trust domain, namespace, name);
+/// `None` for any other shape.
+pub fn spiffe_parts(id: &str) -> Option<(&str, &str, &str)> {
     let rest = id.strip_prefix("spiffe://")?;
     let (td, path) = rest.split_once('/')?;
-    if td != trust_domain {
-        return None;
-    }
     let mut parts = path.split('/');
     match (
         parts.next(),
@@ -1290,11 +1287,19 @@ fn spiffe_namespace<'a>(id: &'a str, trust_domain: &str) -> Option<&'a str> {
         parts.next(),
         parts.next(),
     ) {
-        (Some("ns"), Some(ns), Some("sa"), Some(sa), None) if !ns.is_empty() && !sa.is_empty() => {
-            Some(ns)
+        (Some("ns"), Some(ns), Some("sa"), Some(sa), None)
+            if !td.is_empty() && !ns.is_empty() && !sa.is_empty() =>
+        {
+            Some((td, ns, sa))
         }
         _ => None,
     }
+}
+
+/// The namespace of a SPIFFE ID of `trust_domain`: `None` for an ID of another trust
+/// domain or of another shape.
+fn spiffe_namespace<'a>(id: &'a str, trust_domain: &str) -> Option<&'a str> {
+    spiffe_parts(id).and_then(|(td, ns, _)| (td == trust_domain).then_some(ns))
 }
 
 fn describe_identity(id: &Identity<'_>) -> String {
