@@ -47,6 +47,7 @@ impl Fresh {
             id,
             fresh: self.clone(),
             reclaim: notify,
+            first: Notify::new(),
             requested: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             last_change_ms: AtomicU64::new(crate::proxy::now_ms()),
@@ -85,8 +86,11 @@ impl Fresh {
 pub struct ConnState {
     id: u64,
     fresh: Arc<Fresh>,
-    /// Fires when the connection is reclaimed (before its first request).
+    /// Fires when the connection is reclaimed, or when its first request arrives (then
+    /// [`ConnState::requested`] is true): the connection task stops watching after it.
     pub reclaim: Arc<Notify>,
+    /// Fires when the first request arrives.
+    pub first: Notify,
     requested: AtomicBool,
     in_flight: AtomicUsize,
     last_change_ms: AtomicU64,
@@ -95,8 +99,11 @@ pub struct ConnState {
 impl ConnState {
     /// A request arrived; the returned guard marks its end.
     pub fn begin(self: &Arc<Self>) -> InFlight {
-        if !self.requested.swap(true, Ordering::Relaxed) {
+        if !self.requested.load(Ordering::Relaxed) && !self.requested.swap(true, Ordering::Relaxed)
+        {
             self.fresh.remove(self.id);
+            self.first.notify_one();
+            self.reclaim.notify_one();
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
@@ -105,6 +112,28 @@ impl ConnState {
     /// Whether a request has arrived.
     pub fn requested(&self) -> bool {
         self.requested.load(Ordering::Relaxed)
+    }
+
+    /// Runs `serve` until it ends, or until `deadline` if no request has arrived by then
+    /// (`None`: the deadline passed first). Once the first request arrives only `serve` is
+    /// polled: keep-alive traffic pays nothing for the deadline.
+    pub async fn first_request_by<F: std::future::Future>(
+        &self,
+        deadline: tokio::time::Instant,
+        serve: F,
+    ) -> Option<F::Output> {
+        tokio::pin!(serve);
+        tokio::select! {
+            biased;
+            r = &mut serve => return Some(r),
+            _ = self.first.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                if !self.requested() {
+                    return None;
+                }
+            }
+        }
+        Some(serve.await)
     }
 
     /// How long the connection has had no request in flight (zero while one is).

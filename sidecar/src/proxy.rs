@@ -146,11 +146,15 @@ pub async fn serve_inbound(listener: TcpListener, shared: Arc<Shared>, upstream:
             let conn = shared.fresh.register();
             let serve = handle_connection(tcp, source, &shared, upstream, &conn);
             tokio::pin!(serve);
-            loop {
-                tokio::select! {
-                    _ = &mut serve => break,
-                    // Reclaimed: closed unless its first request arrived meanwhile.
-                    _ = conn.reclaim.notified() => if !conn.requested() { break },
+            // Until its first request the connection may be reclaimed; after it, only the
+            // connection itself is polled.
+            tokio::select! {
+                biased;
+                _ = &mut serve => {}
+                _ = conn.reclaim.notified() => {
+                    if conn.requested() {
+                        serve.await;
+                    }
                 }
             }
             shared.metrics.connections.dec();
@@ -393,16 +397,11 @@ async fn serve_http<IO>(
                 parked: shared.metrics.parked_connections.clone(),
             };
             let serve = crate::park::serve_http1(io, svc, track, &b, parking);
-            tokio::pin!(serve);
-            tokio::select! {
-                r = &mut serve => r.map_err(Into::into),
-                _ = tokio::time::sleep_until(first_request), if !conn.requested() => {
-                    if conn.requested() {
-                        serve.await.map_err(Into::into)
-                    } else {
-                        fail_conn(shared, "first_request_timeout");
-                        Ok(())
-                    }
+            match conn.first_request_by(first_request, serve).await {
+                Some(r) => r.map_err(Into::into),
+                None => {
+                    fail_conn(shared, "first_request_timeout");
+                    Ok(())
                 }
             }
         }
@@ -709,7 +708,8 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Connection-specific headers (with `HTTP2-Settings`, RFC 9113 §3.2's h2c upgrade).
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -718,6 +718,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    HTTP2_SETTINGS,
 ];
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
@@ -1085,7 +1086,6 @@ async fn forward(
     // `Upgrade` (h2c, TLS, unknown protocols) is removed and the request served as HTTP/1.1,
     // so no later request on the connection can pass unchecked.
     let upgrade = parts.version == Version::HTTP_11 && is_websocket_handshake(&parts);
-    parts.headers.remove(HTTP2_SETTINGS);
     let client_upgrade = if upgrade {
         Some(hyper::upgrade::on(parts_to_request(&mut parts)))
     } else {

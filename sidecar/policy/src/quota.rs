@@ -361,7 +361,7 @@ impl QuotaStore for LocalQuotas {
         let (verdict, next) = acquire(q, prev, now_ms);
         match (at, next) {
             (Some(i), Some(s)) => part.entries[i].1 = s,
-            (Some(i), None) => part.remove_at(i),
+            (Some(_), None) => {}
             (None, Some(s)) => {
                 if part.entries.len() >= self.max_keys_per_quota {
                     let v = part.victim(now_ms);
