@@ -282,7 +282,7 @@ pub fn parse_document(origin: &Origin, value: Value) -> Result<Option<Object>, V
                 .metadata
                 .namespace
                 .get_or_insert_with(|| "default".into());
-            let errors = policy_errors(&policy, &schema_input);
+            let errors = policy_errors(&policy, schema_input);
             if errors.is_empty() {
                 Ok(Some(Object::Policy(Box::new(policy))))
             } else {
@@ -326,7 +326,7 @@ pub fn parse_document(origin: &Origin, value: Value) -> Result<Option<Object>, V
 /// OpenAPI schema refuses (lengths, list sizes, patterns), so `apiward check` refuses
 /// everything the API server's schema validation would. Where both find a problem in the
 /// same field, `validate`'s message (which says how to fix it) is kept.
-pub fn policy_errors(policy: &ApiPolicy, document: &Value) -> Vec<FieldError> {
+pub fn policy_errors(policy: &ApiPolicy, document: Value) -> Vec<FieldError> {
     let mut errors = apiward_crds::validate(&policy.spec);
     let mut schema = schema_errors(document);
     schema.retain(|s| !errors.iter().any(|e| e.field == s.field));
@@ -354,7 +354,7 @@ fn crd_validator() -> Option<&'static jsonschema::Validator> {
 
 /// What the CRD's OpenAPI schema refuses in a document (`null` fields are dropped first,
 /// as the API server does for fields that are not nullable).
-fn schema_errors(document: &Value) -> Vec<FieldError> {
+fn schema_errors(mut doc: Value) -> Vec<FieldError> {
     fn drop_nulls(v: &mut Value) {
         match v {
             Value::Object(m) => {
@@ -368,7 +368,6 @@ fn schema_errors(document: &Value) -> Vec<FieldError> {
     let Some(validator) = crd_validator() else {
         return Vec::new();
     };
-    let mut doc = document.clone();
     drop_nulls(&mut doc);
     validator
         .iter_errors(&doc)

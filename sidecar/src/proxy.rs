@@ -171,14 +171,7 @@ async fn handle_connection(
 ) {
     let _ = tcp.set_nodelay(true);
     let Some(active) = shared.active.load_full() else {
-        shared
-            .metrics
-            .handshake_failures
-            .get_or_create(&crate::metrics::ReasonLabels {
-                reason: "no_config",
-            })
-            .inc();
-        return; // fail closed
+        return fail_conn(shared, "no_config"); // fail closed
     };
     // Redirected by iptables: the port the caller asked for. Connected directly: the app's.
     let port = crate::outbound::original_dst(&tcp)
@@ -194,13 +187,7 @@ async fn handle_connection(
     if !matches!(peeked, Ok(Ok(1))) {
         return;
     }
-    let fail = |reason: &'static str| {
-        shared
-            .metrics
-            .handshake_failures
-            .get_or_create(&crate::metrics::ReasonLabels { reason })
-            .inc();
-    };
+    let fail = |reason: &'static str| fail_conn(shared, reason);
     let is_tls = first[0] == 0x16;
     match (is_tls, mode, &active.tls) {
         (false, MtlsMode::Strict, _) => fail("plaintext_refused"),
