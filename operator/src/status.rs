@@ -358,6 +358,7 @@ mod tests {
             inventory_overflow: 0,
             certificate: None,
             quota_store: store.map(|(available, errors)| QuotaStoreHealth { available, errors }),
+            ignored_fields: vec![],
         }
     }
 

@@ -59,6 +59,24 @@ pub enum AuthnError {
 }
 
 impl AuthnError {
+    /// Every failure, for tables and tests.
+    pub const ALL: [AuthnError; 14] = [
+        AuthnError::Malformed,
+        AuthnError::Algorithm,
+        AuthnError::UnknownKey,
+        AuthnError::Signature,
+        AuthnError::Expired,
+        AuthnError::NotYetValid,
+        AuthnError::Issuer,
+        AuthnError::Audience,
+        AuthnError::MissingClaim,
+        AuthnError::UnknownIssuer,
+        AuthnError::InvalidApiKey,
+        AuthnError::KeysUnavailable,
+        AuthnError::CriticalHeader,
+        AuthnError::Ambiguous,
+    ];
+
     /// Stable reason code.
     pub fn code(self) -> &'static str {
         match self {

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apiward_policy::SidecarConfig;
-use apiward_policy::config::SIDECAR_CONFIG_API_VERSION;
 use apiward_policy::report::{
     CertificateInfo, QuotaStoreHealth, REPORT_API_VERSION, RejectedConfig, Report,
 };
@@ -71,13 +70,11 @@ pub struct Control {
     pub report_interval: Duration,
 }
 
-/// Checks a pushed config before it may replace the active one.
-pub fn validate(cfg: &SidecarConfig) -> Result<(), String> {
-    if cfg.api_version != SIDECAR_CONFIG_API_VERSION {
-        return Err(format!("apiVersion must be {SIDECAR_CONFIG_API_VERSION}"));
-    }
-    apiward_policy::engine::Engine::new(cfg).map_err(|e| format!("{}: {}", e.field, e.message))?;
-    Ok(())
+/// Checks a pushed config before it may replace the active one, and returns the engine it
+/// built (the config is not compiled twice).
+pub fn validate(cfg: &SidecarConfig) -> Result<apiward_policy::engine::Engine, String> {
+    cfg.check_version().map_err(|e| e.to_string())?;
+    apiward_policy::engine::Engine::new(cfg).map_err(|e| format!("{}: {}", e.field, e.message))
 }
 
 /// Applies a pushed mesh table: the outbound routes are rebuilt with its Services. A table
@@ -95,7 +92,7 @@ fn apply_mesh(shared: &Arc<Shared>, line: &[u8]) {
     if shared.active.load().is_none() {
         return; // applied with the first config
     }
-    match shared.reload() {
+    match shared.rebuild(crate::state::Change::Mesh) {
         Ok(_) => tracing::info!(version, services, "mesh table applied"),
         Err(e) => {
             shared.mesh.store(previous);
@@ -124,24 +121,44 @@ pub fn apply(shared: &Arc<Shared>, line: &[u8]) {
     if is_mesh_line(line) {
         return apply_mesh(shared, line);
     }
-    let parsed: Result<SidecarConfig, String> =
-        serde_json::from_slice(line).map_err(|e| format!("not a SidecarConfig: {e}"));
-    let version = |c: &Result<SidecarConfig, String>| match c {
-        Ok(c) => c.version.clone(),
-        Err(_) => "unknown".into(),
+    // The version-skew rule (`apiward_policy::config`): unknown fields are ignored and
+    // reported; a required feature this sidecar lacks, or an unknown value, refuses it.
+    let parsed = SidecarConfig::from_wire(line).map_err(|e| match e {
+        apiward_policy::config::ConfigError::Parse(e) => format!("not a SidecarConfig: {e}"),
+        other => other.to_string(),
+    });
+    let v = match &parsed {
+        Ok(w) => w.config.version.clone(),
+        Err(_) => serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|c| c.get("version")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "unknown".into()),
     };
-    let v = version(&parsed);
-    let outcome = parsed.and_then(|cfg| {
-        validate(&cfg)?;
-        let previous = shared.pushed.swap(Some(Arc::new(cfg)));
-        shared.reload().inspect_err(|_| {
-            shared.pushed.store(previous);
-        })
+    let outcome = parsed.and_then(|w| {
+        let engine = validate(&w.config)?;
+        let previous = shared.pushed.swap(Some(Arc::new(w.config)));
+        shared
+            .rebuild(crate::state::Change::Pushed(engine))
+            .inspect_err(|_| {
+                shared.pushed.store(previous);
+            })
+            .map(|version| (version, w.ignored))
     });
     match outcome {
-        Ok(version) => {
+        Ok((version, ignored)) => {
+            if !ignored.is_empty() {
+                tracing::warn!(version, fields = ?ignored, "pushed config has fields this sidecar does not know: ignored (a newer operator; see the version-skew rule)");
+                shared
+                    .metrics
+                    .config_fields_ignored
+                    .inc_by(ignored.len() as u64);
+            }
             tracing::info!(version, "pushed config applied");
             *shared.rejected.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *shared
+                .ignored_fields
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = ignored;
         }
         Err(reason) => {
             tracing::error!(version = v, error = %reason, "pushed config refused; the previous config keeps serving");
@@ -355,6 +372,11 @@ pub fn report(shared: &Shared, pod: &str) -> Report {
                 not_after: i.expires_unix,
             }),
         quota_store,
+        ignored_fields: shared
+            .ignored_fields
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
     }
 }
 

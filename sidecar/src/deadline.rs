@@ -50,7 +50,7 @@ impl Fresh {
             first: Notify::new(),
             requested: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
-            last_change_ms: AtomicU64::new(crate::proxy::now_ms()),
+            last_change_ms: AtomicU64::new(crate::inbound::now_ms()),
         })
     }
 
@@ -162,7 +162,7 @@ impl Drop for InFlight {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.0
             .last_change_ms
-            .store(crate::proxy::now_ms(), Ordering::Relaxed);
+            .store(crate::inbound::now_ms(), Ordering::Relaxed);
     }
 }
 

@@ -261,7 +261,7 @@ pub async fn keep_renewed(
                 identity.current.store(Some(Arc::new(issued)));
                 if bundle_changed {
                     // The verifier's roots are part of the TLS config: rebuild it.
-                    if let Err(e) = shared.reload() {
+                    if let Err(e) = shared.rebuild(crate::state::Change::Identity) {
                         tracing::warn!(error = %e, "identity: new trust bundle not applied");
                     }
                 }

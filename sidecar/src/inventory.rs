@@ -104,7 +104,8 @@ impl Inventory {
         if (100..600).contains(&s.status) {
             e.responses[(s.status / 100 - 1) as usize] += 1;
         }
-        e.unauthenticated += u64::from(s.auth == AuthKind::None);
+        // Served to a caller with no identity: a refused request was not served.
+        e.unauthenticated += u64::from(s.auth == AuthKind::None && !s.denied);
         e.denied += u64::from(s.denied);
         e.would_deny += u64::from(s.would_deny);
         e.last_seen = s.now;

@@ -7,7 +7,9 @@
 //! keeps serving; with none, every request is refused (fail closed).
 //!
 //! - [`settings`]: the settings file. [`state`]: the active config and shared state.
-//! - [`proxy`]: listener, TLS by mode, the request pipeline, forwarding, response filter.
+//! - [`inbound`]: listener, TLS by mode, the request pipeline as named stages (authenticate,
+//!   authorize, checks, forward, response filter) and the one place outcomes are recorded.
+//! - [`refusal`]: every refusal the sidecar answers with, in one catalog.
 //! - [`authn`]: JWT/JWKS and API keys. [`tls`]: rustls configs and SPIFFE IDs.
 //! - [`outbound`]: the app's redirected connections: mTLS to meshed peers, the egress policy.
 //! - [`quota_store`]: Global quotas in Redis, spent from local leases.
@@ -22,14 +24,15 @@ pub mod client;
 pub mod control;
 pub mod deadline;
 pub mod identity;
+pub mod inbound;
 pub mod init;
 pub mod inventory;
 pub mod linger;
 pub mod metrics;
 pub mod outbound;
 pub mod park;
-pub mod proxy;
 pub mod quota_store;
+pub mod refusal;
 pub mod settings;
 pub mod state;
 pub mod tcp;
@@ -84,13 +87,13 @@ pub async fn start(config: &Path) -> anyhow::Result<(Arc<state::Shared>, Bound)>
         outbound: outbound.as_ref().map(|l| l.local_addr()).transpose()?,
     };
     tracing::info!(config = %config.display(), version, inbound = %bound.inbound, admin = %bound.admin, upstream = %first.inbound.upstream(), "apiward-sidecar serving");
-    let upstream = proxy::Upstream::new(
+    let upstream = inbound::Upstream::new(
         first.inbound.upstream(),
         timeouts.upstream_idle,
         first.limits.max_upstream_connections,
         shared.metrics.upstream_waiting.clone(),
     );
-    tokio::spawn(proxy::serve_inbound(inbound, shared.clone(), upstream));
+    tokio::spawn(inbound::serve_inbound(inbound, shared.clone(), upstream));
     tokio::spawn(admin::serve_admin(admin, shared.clone()));
     if let Some(l) = outbound {
         tokio::spawn(outbound::serve_outbound(l, shared.clone()));

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub config_applied: Counter,
     /// Config loads: refused (the previous config keeps serving).
     pub config_rejected: Counter,
+    /// Fields of pushed configs this sidecar did not know and ignored (version skew).
+    pub config_fields_ignored: Counter,
     /// 1 while a config is loaded.
     pub config_loaded: Gauge,
     /// Open inbound connections.
@@ -143,6 +145,12 @@ impl Metrics {
             "config_rejected",
             "Configs refused (the previous one keeps serving)",
             config_rejected.clone(),
+        );
+        let config_fields_ignored = Counter::default();
+        registry.register(
+            "config_fields_ignored",
+            "Fields of pushed configs this sidecar does not know, ignored (a newer operator)",
+            config_fields_ignored.clone(),
         );
         let config_loaded = Gauge::default();
         registry.register(
@@ -256,6 +264,7 @@ impl Metrics {
             authn_failures,
             config_applied,
             config_rejected,
+            config_fields_ignored,
             config_loaded,
             connections,
             connections_reclaimed,

@@ -766,7 +766,7 @@ pub async fn settle_pending<'e>(
     errors: &Family<ReasonLabels, Counter>,
 ) {
     for p in std::mem::take(&mut d.pending) {
-        if !d.allowed {
+        if !d.allowed() {
             return;
         }
         let Some(q) = engine.quota(&p) else { continue };

@@ -29,8 +29,9 @@ pub struct Active {
     pub settings: Settings,
     /// The policy (an empty one refuses everything).
     pub config: Option<SidecarConfig>,
-    /// The compiled decision engine.
-    pub engine: Option<Engine>,
+    /// The compiled decision engine (shared with the next `Active` while the policy is the
+    /// same).
+    pub engine: Option<Arc<Engine>>,
     /// Inbound TLS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// JWT verifiers by provider id.
@@ -119,6 +120,9 @@ pub struct Shared {
     pub mesh: ArcSwapOption<apiward_policy::mesh::MeshTable>,
     /// The last pushed config refused, and why (for the next report).
     pub rejected: std::sync::Mutex<Option<apiward_policy::report::RejectedConfig>>,
+    /// Fields of the pushed config this sidecar does not know and ignored (version skew;
+    /// see `apiward_policy::config`), for the next report.
+    pub ignored_fields: std::sync::Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -146,19 +150,40 @@ impl Shared {
             mesh: ArcSwapOption::empty(),
             inventory: Default::default(),
             rejected: Default::default(),
+            ignored_fields: Default::default(),
         }
     }
 
     /// Loads the settings file; on success swaps it in and returns its version. On failure
     /// the previous config keeps serving and the error says why.
     pub fn reload(self: &Arc<Self>) -> Result<String, String> {
-        match load(
-            &self.config_path,
-            self.active.load().as_deref(),
-            self.identity.as_ref(),
+        self.rebuild(Change::Settings)
+    }
+
+    /// Derives a new [`Active`] from the inputs, `change` replacing only its own: the
+    /// settings file is read only when it changed, and the engine is built only when the
+    /// policy did (a pushed one arrives built by [`crate::control::validate`]). On failure
+    /// the previous config keeps serving.
+    pub fn rebuild(self: &Arc<Self>, change: Change) -> Result<String, String> {
+        let previous = self.active.load_full();
+        let (settings, engine) = match (change, previous.as_deref()) {
+            (Change::Pushed(engine), Some(p)) => (p.settings.clone(), Some(engine)),
+            (Change::Mesh | Change::Identity, Some(p)) => (p.settings.clone(), None),
+            (Change::Pushed(engine), None) => (self.read_settings()?, Some(engine)),
+            (Change::Settings | Change::Mesh | Change::Identity, _) => {
+                (self.read_settings()?, None)
+            }
+        };
+        match build(
+            Inputs {
+                settings,
+                engine,
+                identity: self.identity.as_ref(),
+                pushed: self.pushed.load().as_deref(),
+                mesh: self.mesh.load().as_deref(),
+            },
+            previous.as_deref(),
             &self.metrics.quota_store,
-            self.pushed.load().as_deref(),
-            self.mesh.load().as_deref(),
         ) {
             Ok(active) => {
                 let version = active.version().to_owned();
@@ -178,6 +203,41 @@ impl Shared {
             }
         }
     }
+
+    fn read_settings(&self) -> Result<Settings, String> {
+        Settings::load(&self.config_path).map_err(|e| {
+            self.metrics.config_rejected.inc();
+            e.to_string()
+        })
+    }
+}
+
+/// What changed, and so which input a rebuild replaces.
+#[derive(Debug)]
+pub enum Change {
+    /// The settings file (read again).
+    Settings,
+    /// A pushed config, validated into its engine.
+    Pushed(Engine),
+    /// The pushed mesh table.
+    Mesh,
+    /// The issued workload certificate.
+    Identity,
+}
+
+/// The sources an [`Active`] is derived from.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    /// The settings file, as loaded.
+    pub settings: Settings,
+    /// The engine of the policy, when it was built already (a validated pushed config).
+    pub engine: Option<Engine>,
+    /// The issued identity, when the settings ask for one.
+    pub identity: Option<&'a Arc<crate::identity::WorkloadIdentity>>,
+    /// The last config the operator pushed.
+    pub pushed: Option<&'a SidecarConfig>,
+    /// The last mesh table the operator pushed.
+    pub mesh: Option<&'a apiward_policy::mesh::MeshTable>,
 }
 
 /// The outbound settings tightened by the pushed policy's egress: when a policy restricts
@@ -204,28 +264,38 @@ fn with_policy_egress(
     o
 }
 
-/// Loads and validates a settings file into an [`Active`]. JWT verifiers whose provider
-/// did not change are carried over from `previous`, keeping their keys and token cache.
-pub fn load(
-    path: &Path,
+/// Derives an [`Active`] from its inputs. What did not change is carried over from
+/// `previous`: the engine while the policy is the same, JWT verifiers (their keys and token
+/// cache) while their provider is, the Global quota store while its settings are.
+pub fn build(
+    inputs: Inputs<'_>,
     previous: Option<&Active>,
-    identity: Option<&Arc<crate::identity::WorkloadIdentity>>,
     store_metrics: &crate::quota_store::StoreMetrics,
-    pushed: Option<&SidecarConfig>,
-    mesh_table: Option<&apiward_policy::mesh::MeshTable>,
 ) -> Result<Active, String> {
-    let settings = Settings::load(path).map_err(|e| e.to_string())?;
+    let Inputs {
+        settings,
+        engine: built,
+        identity,
+        pushed,
+        mesh: mesh_table,
+    } = inputs;
     let timeouts = settings.timeouts().map_err(|(f, m)| format!("{f}: {m}"))?;
     let identity_header = settings
         .identity_header_name()
         .map_err(|(f, m)| format!("{f}: {m}"))?;
-    // The policy: inline (standalone mode) or the last one the operator pushed.
+    // The policy: inline (standalone mode) or the last one the operator pushed (whose
+    // engine may come built).
+    let built = built.filter(|_| settings.policy.is_none());
     let config = settings.policy.clone().or_else(|| pushed.cloned());
-    let engine = config
-        .as_ref()
-        .map(Engine::new)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    let reused = previous
+        .filter(|p| p.config.is_some() && p.config == config)
+        .and_then(|p| p.engine.clone());
+    let engine = match (built, reused, &config) {
+        (Some(e), _, _) => Some(Arc::new(e)),
+        (None, Some(e), _) => Some(e),
+        (None, None, Some(c)) => Some(Arc::new(Engine::new(c).map_err(|e| e.to_string())?)),
+        (None, None, None) => None,
+    };
     let mode = engine
         .as_ref()
         .map_or(apiward_policy::config::MtlsMode::Strict, |e| {

@@ -11,7 +11,8 @@ use std::time::Instant;
 use apiward_policy::engine::{Headers, NoTrace, Request as Facts};
 use tokio::net::TcpStream;
 
-use crate::proxy::{Caller, ConnInfo, log_decision, new_request_id, now_ms, record_simple};
+use crate::inbound::record::{log_decision, record_simple};
+use crate::inbound::{Caller, ConnInfo, new_request_id, now_ms};
 use crate::state::{Active, Shared};
 
 /// The ALPN protocol of an opaque TCP tunnel between sidecars.
@@ -59,7 +60,7 @@ pub async fn serve_opaque<S>(
         engine.decide(&facts, &active.quotas(shared), &mut NoTrace)
     };
     active.settle_quotas(shared, engine, &mut d).await;
-    let code = d.reason.code();
+    let code = d.reason().code();
     let decided = |verdict: &'static str| {
         log_decision(
             shared,
@@ -76,7 +77,7 @@ pub async fn serve_opaque<S>(
         );
         record_simple(shared, verdict, code, 0);
     };
-    if !d.allowed {
+    if !d.allowed() {
         return decided("deny");
     }
     let app = std::net::SocketAddr::from(([127, 0, 0, 1], port));

@@ -229,10 +229,10 @@ pub fn run(
     let mut trace: Vec<TraceStep> = Vec::new();
     let d: Decision<'_> = engine.decide(&req, &quotas, &mut trace as &mut dyn Tracer);
     Ok(Outcome {
-        allowed: d.allowed,
-        would_deny: d.would_deny,
-        status: if d.allowed { 200 } else { d.status },
-        reason: d.reason.code(),
+        allowed: d.allowed(),
+        would_deny: d.would_deny(),
+        status: d.status(),
+        reason: d.reason().code(),
         rule: d.rule.map(|r| format!("{}/{}", r.policy, r.name)),
         detail: d.detail.clone(),
         trace,

@@ -237,6 +237,7 @@ fn ack(hub: &ConfigHub, pod: &str) {
         inventory_overflow: 0,
         certificate: None,
         quota_store: None,
+        ignored_fields: vec![],
     };
     hub.report(&caller, report).unwrap();
 }

@@ -1167,6 +1167,7 @@ impl Compiler {
                 .map(|s| s.to_string())
                 .collect(),
         };
+        let requires = required_features(&port_policies);
         let mut cfg = SidecarConfig {
             api_version: wire::SIDECAR_CONFIG_API_VERSION.into(),
             version: String::new(),
@@ -1181,10 +1182,25 @@ impl Compiler {
             jwt_providers,
             api_key_providers,
             egress,
+            requires,
         };
         cfg.version = version_of(&cfg);
         Ok(Some(cfg))
     }
+}
+
+/// The features of `v1alpha1` a config uses whose absence would loosen what a sidecar
+/// enforces (the version-skew rule in `apiward_policy::config`): a sidecar that does not
+/// implement one refuses the config instead of ignoring the field.
+pub fn required_features(ports: &[wire::PortPolicy]) -> Vec<String> {
+    let mut out = Vec::new();
+    if ports.iter().any(|p| {
+        !p.response.remove_fields.is_empty()
+            && p.response.on_unfilterable == wire::OnUnfilterable::Refuse
+    }) {
+        out.push("responseFilter.onUnfilterable".to_owned());
+    }
+    out
 }
 
 /// The Secrets (API keys, JWKS documents) a policy references, by name in its namespace.

@@ -221,6 +221,15 @@ impl ConfigHub {
         let mut state = self.state();
         let key = self.authorize(&state, caller, &report.workload.name)?;
         let mut report = report;
+        let changed = state
+            .reports
+            .get(&key)
+            .is_none_or(|r| r.ignored_fields != report.ignored_fields);
+        if changed && !report.ignored_fields.is_empty() {
+            // Version skew: this operator is newer than the sidecar (see
+            // `apiward_policy::config`). Nothing was loosened: such fields are optional.
+            tracing::warn!(pod = key, fields = ?report.ignored_fields, "the sidecar ignores config fields it does not know: upgrade it");
+        }
         let inv = state.inventory.entry(key.clone()).or_default();
         inv.overflow += report.inventory_overflow;
         for e in std::mem::take(&mut report.inventory) {

@@ -94,6 +94,7 @@ fn config(rules: usize) -> SidecarConfig {
         jwt_providers: vec![],
         api_key_providers: vec![],
         egress: EgressPolicy::default(),
+        requires: Vec::new(),
     }
 }
 
@@ -124,23 +125,23 @@ fn bench(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group("decide_1000_rules");
     let allow = req("/svc500/users/42", None, true);
-    assert!(engine.decide(&allow, &quotas, &mut NoTrace).allowed);
+    assert!(engine.decide(&allow, &quotas, &mut NoTrace).allowed());
     g.bench_function("jwt_bind_allow_with_quota", |b| {
-        b.iter(|| black_box(engine.decide(black_box(&allow), &quotas, &mut NoTrace)).allowed)
+        b.iter(|| black_box(engine.decide(black_box(&allow), &quotas, &mut NoTrace)).allowed())
     });
     let bola = req("/svc500/users/43", None, true);
-    assert!(!engine.decide(&bola, &quotas, &mut NoTrace).allowed);
+    assert!(!engine.decide(&bola, &quotas, &mut NoTrace).allowed());
     g.bench_function("jwt_bind_deny_bola", |b| {
-        b.iter(|| black_box(engine.decide(black_box(&bola), &quotas, &mut NoTrace)).allowed)
+        b.iter(|| black_box(engine.decide(black_box(&bola), &quotas, &mut NoTrace)).allowed())
     });
     let mtls = req(
         "/svc501/items/abc/meta",
         Some("spiffe://cluster.local/ns/shop/sa/svc501"),
         false,
     );
-    assert!(engine.decide(&mtls, &quotas, &mut NoTrace).allowed);
+    assert!(engine.decide(&mtls, &quotas, &mut NoTrace).allowed());
     g.bench_function("mtls_allow_glob", |b| {
-        b.iter(|| black_box(engine.decide(black_box(&mtls), &quotas, &mut NoTrace)).allowed)
+        b.iter(|| black_box(engine.decide(black_box(&mtls), &quotas, &mut NoTrace)).allowed())
     });
     let miss = req(
         "/nowhere/at/all",
@@ -148,11 +149,11 @@ fn bench(c: &mut Criterion) {
         false,
     );
     g.bench_function("default_deny", |b| {
-        b.iter(|| black_box(engine.decide(black_box(&miss), &quotas, &mut NoTrace)).allowed)
+        b.iter(|| black_box(engine.decide(black_box(&miss), &quotas, &mut NoTrace)).allowed())
     });
     let encoded = req("/svc500/users/%34%32/../43", None, true);
     g.bench_function("normalize_then_deny", |b| {
-        b.iter(|| black_box(engine.decide(black_box(&encoded), &quotas, &mut NoTrace)).allowed)
+        b.iter(|| black_box(engine.decide(black_box(&encoded), &quotas, &mut NoTrace)).allowed())
     });
     g.finish();
     c.bench_function("engine_build_1000_rules", |b| {

@@ -5,6 +5,27 @@
 //! SPIFFE IDs, Secrets become hashes or key sets, ConfigMaps become endpoint lists, durations
 //! become milliseconds. A sidecar never reads the Kubernetes API and never sees a raw API key.
 //! Names of policies and rules are kept so every decision can say which one decided.
+//!
+//! # Version skew
+//!
+//! Within `apiward.io/sidecar/v1alpha1` the operator may be one minor release ahead of its
+//! sidecars (it is upgraded first), and a sidecar reads what a newer operator writes by this
+//! rule ([`SidecarConfig::from_wire`]):
+//!
+//! - An **unknown field** of an object is ignored, and reported: logged, counted and
+//!   named in the sidecar's next [`Report`](crate::report::Report) (`ignoredFields`). New
+//!   fields are optional and only *add* to what an older sidecar enforces (a header to
+//!   strip, a metric label), or they are listed in `requires`.
+//! - A field whose absence would **loosen** security (a new refusal, a stricter mode) is
+//!   named in [`SidecarConfig::requires`] whenever the config uses it. A sidecar that does
+//!   not implement every feature listed there ([`FEATURES`]) refuses the whole config and
+//!   keeps enforcing the last one it accepted; the refusal names the feature.
+//! - An **unknown enum value** (a new quota key kind, a new mode) is always refused: an
+//!   older sidecar cannot enforce what it cannot name.
+//! - Another `apiVersion` is refused.
+//!
+//! Hand-written configs (the settings file's inline `policy`) are read strictly instead:
+//! an unknown field there is a typo, and an error ([`SidecarConfig::from_json`]).
 
 use std::collections::BTreeMap;
 
@@ -14,9 +35,18 @@ use serde::{Deserialize, Serialize};
 /// The `apiVersion` of this contract. A sidecar refuses any other.
 pub const SIDECAR_CONFIG_API_VERSION: &str = "apiward.io/sidecar/v1alpha1";
 
+/// The features of `v1alpha1` added after its first release that this sidecar implements,
+/// by the name a config's `requires` lists them under (see the module docs).
+pub const FEATURES: &[&str] = &[
+    // `ports[].response.onUnfilterable: Refuse`: a response the filter cannot read is
+    // refused (an older sidecar would pass it unfiltered).
+    "responseFilter.onUnfilterable",
+];
+
 /// The compiled policy for one pod.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct SidecarConfig {
     /// Always `apiward.io/sidecar/v1alpha1`.
     pub api_version: String,
@@ -43,11 +73,16 @@ pub struct SidecarConfig {
     /// What the app may connect to outside the mesh.
     #[serde(default)]
     pub egress: EgressPolicy,
+    /// Features (from [`FEATURES`]) this config uses whose absence would loosen what is
+    /// enforced: a sidecar that does not implement one refuses the config.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
 }
 
 /// Which pod a config belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct Workload {
     /// Namespace of the pod.
     pub namespace: String,
@@ -94,7 +129,8 @@ pub enum MtlsMode {
 
 /// The compiled, merged policy for one inbound port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct PortPolicy {
     /// The app's container port.
     pub port: u16,
@@ -140,7 +176,8 @@ pub enum Action {
 
 /// One authorization rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct RuleConfig {
     /// `namespace/name` of the policy the rule came from.
     pub policy: String,
@@ -164,7 +201,8 @@ pub struct RuleConfig {
 
 /// A set of callers: every field given must match (AND).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct Source {
     /// Exact peer SPIFFE IDs (service accounts are compiled into these).
     #[serde(default)]
@@ -189,7 +227,8 @@ pub struct Source {
 
 /// A JWT requirement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct JwtMatch {
     /// Provider id.
     pub provider: String,
@@ -201,7 +240,8 @@ pub struct JwtMatch {
 
 /// A set of operations: every field given must match (AND).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct Operation {
     /// HTTP methods, upper case. Empty: any.
     #[serde(default)]
@@ -216,7 +256,8 @@ pub struct Operation {
 
 /// A header requirement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct HeaderMatch {
     /// Header name, lower case.
     pub name: String,
@@ -227,7 +268,8 @@ pub struct HeaderMatch {
 
 /// Binds a request value to a verified claim (object-level authorization, OWASP API1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct Binding {
     /// Where the request value comes from.
     pub source: BindSource,
@@ -237,7 +279,8 @@ pub struct Binding {
 
 /// The request side of a binding.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub enum BindSource {
     /// A `{param}` of the matched path template.
     PathParam(String),
@@ -249,7 +292,8 @@ pub enum BindSource {
 
 /// A rate or volume limit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct QuotaConfig {
     /// `namespace/name` of the policy.
     pub policy: String,
@@ -295,7 +339,8 @@ pub enum OnStoreError {
 
 /// What a quota counts requests by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub enum QuotaKey {
     /// The authenticated principal (SPIFFE ID, JWT `iss`+`sub`, or API-key client).
     Principal,
@@ -311,7 +356,8 @@ pub enum QuotaKey {
 
 /// Window shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub enum Window {
     /// A sliding window (GCRA): `requests` per `periodMs`, plus `burst`.
     Rolling,
@@ -346,7 +392,8 @@ pub enum QuotaScope {
 
 /// What happens to a request over quota.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub enum OnExceed {
     /// 429 with `Retry-After`.
     #[default]
@@ -361,7 +408,8 @@ pub enum OnExceed {
 
 /// Request limits (all optional; absent means no limit beyond the sidecar's own).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct RequestLimits {
     /// Largest request body, in bytes (413 above it).
     #[serde(default)]
@@ -382,7 +430,8 @@ pub struct RequestLimits {
 
 /// Response rewriting.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct ResponseFilter {
     /// JSON pointers (RFC 6901) removed from JSON response bodies; `-` is not allowed, a
     /// `*` token matches every array element or object member, and `**` any depth.
@@ -412,7 +461,8 @@ pub enum OnUnfilterable {
 
 /// The declared API surface of a port.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct ApiSurface {
     /// Whether any policy declared an API (otherwise nothing is shadow).
     #[serde(default)]
@@ -427,7 +477,8 @@ pub struct ApiSurface {
 
 /// One declared endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct Endpoint {
     /// HTTP method, upper case.
     pub method: String,
@@ -455,7 +506,8 @@ pub enum UndeclaredAction {
 
 /// A JWT issuer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct JwtProvider {
     /// `namespace/policy/name`.
     pub id: String,
@@ -484,7 +536,8 @@ fn default_token_header() -> String {
 
 /// A JWKS location.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub enum JwksSource {
     /// Fetched over HTTPS and refreshed in the background.
     Uri(String),
@@ -494,7 +547,8 @@ pub enum JwksSource {
 
 /// A set of API keys.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct ApiKeyProvider {
     /// `namespace/policy/name`.
     pub id: String,
@@ -512,7 +566,8 @@ pub struct ApiKeyProvider {
 
 /// One accepted API key, hashed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct ApiKeyHash {
     /// Client name (the Secret's data key); becomes the principal.
     pub client: String,
@@ -522,7 +577,8 @@ pub struct ApiKeyHash {
 
 /// Egress policy for the app's outbound connections outside the mesh.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct EgressPolicy {
     /// Whether any policy restricts egress. When false, everything except blocked
     /// addresses is allowed.
@@ -538,7 +594,8 @@ pub struct EgressPolicy {
 
 /// One allowed egress destination set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
+#[schemars(deny_unknown_fields)]
 pub struct EgressRule {
     /// Host names (`*.example.com` allowed as a leading label wildcard).
     #[serde(default)]
@@ -566,18 +623,67 @@ pub enum ConfigError {
         /// What the config said.
         found: String,
     },
+    /// The config needs a feature this sidecar does not implement.
+    #[error(
+        "config requires {feature:?}, which this sidecar does not implement (upgrade the sidecar); the previous config stays"
+    )]
+    Unsupported {
+        /// The feature.
+        feature: String,
+    },
+    /// A field this sidecar does not know, in a config read strictly.
+    #[error("unknown field {path}")]
+    UnknownField {
+        /// Its path (`ports.0.foo`).
+        path: String,
+    },
+}
+
+/// A config read off the wire, with the fields this sidecar ignored (see the module docs).
+#[derive(Debug, Clone)]
+pub struct WireConfig {
+    /// The config.
+    pub config: SidecarConfig,
+    /// Paths of unknown fields that were ignored (`ports.0.response.newField`).
+    pub ignored: Vec<String>,
 }
 
 impl SidecarConfig {
-    /// Parses and checks the contract version.
+    /// Parses a config the operator pushed, by the version-skew rule: unknown fields are
+    /// ignored and returned, an unknown `requires` feature or enum value refuses it.
+    pub fn from_wire(bytes: &[u8]) -> Result<WireConfig, ConfigError> {
+        let mut ignored = Vec::new();
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let config: Self = serde_ignored::deserialize(&mut de, |p| ignored.push(p.to_string()))?;
+        de.end()?;
+        config.check_version()?;
+        Ok(WireConfig { config, ignored })
+    }
+
+    /// Parses a hand-written config strictly: an unknown field is an error too.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
-        let cfg: Self = serde_json::from_slice(bytes)?;
-        if cfg.api_version != SIDECAR_CONFIG_API_VERSION {
+        let w = Self::from_wire(bytes)?;
+        match w.ignored.into_iter().next() {
+            Some(path) => Err(ConfigError::UnknownField { path }),
+            None => Ok(w.config),
+        }
+    }
+
+    /// Checks the contract version and that every required feature is implemented.
+    pub fn check_version(&self) -> Result<(), ConfigError> {
+        if self.api_version != SIDECAR_CONFIG_API_VERSION {
             return Err(ConfigError::ApiVersion {
-                found: cfg.api_version,
+                found: self.api_version.clone(),
             });
         }
-        Ok(cfg)
+        match self
+            .requires
+            .iter()
+            .find(|f| !FEATURES.contains(&f.as_str()))
+        {
+            Some(f) => Err(ConfigError::Unsupported { feature: f.clone() }),
+            None => Ok(()),
+        }
     }
 
     /// The JSON Schema of this contract (committed as `schema/sidecar-config.schema.json`).

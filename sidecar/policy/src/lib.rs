@@ -21,6 +21,8 @@ pub mod quota;
 pub mod report;
 pub mod router;
 pub mod template;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 pub mod time;
 
 pub use config::SidecarConfig;

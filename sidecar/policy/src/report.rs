@@ -3,6 +3,9 @@
 //! Reports carry the config version the sidecar is enforcing (its acknowledgement), decision
 //! counters per policy, and inventory deltas: the endpoints it served since the last report.
 //! They never carry tokens, keys, header values or raw paths beyond the templated ones.
+//!
+//! Version skew: the operator ignores fields it does not know (a newer sidecar's); a report
+//! is status, never policy, so nothing is loosened by ignoring one.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -14,7 +17,7 @@ pub const REPORT_API_VERSION: &str = "apiward.io/report/v1alpha1";
 
 /// One report from one sidecar.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Report {
     /// Always `apiward.io/report/v1alpha1`.
     pub api_version: String,
@@ -41,11 +44,15 @@ pub struct Report {
     /// The Global quota store, when the sidecar has Global quotas.
     #[serde(default)]
     pub quota_store: Option<QuotaStoreHealth>,
+    /// Fields of the enforced config this sidecar does not know and ignored (the config
+    /// came from a newer operator; see the version-skew rule in [`crate::config`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored_fields: Vec<String>,
 }
 
 /// Whether the Global quota store (Redis) answers this sidecar.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct QuotaStoreHealth {
     /// Redis answers (the circuit breaker is closed).
     pub available: bool,
@@ -55,7 +62,7 @@ pub struct QuotaStoreHealth {
 
 /// A config the sidecar refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RejectedConfig {
     /// Its version.
     pub version: String,
@@ -65,7 +72,7 @@ pub struct RejectedConfig {
 
 /// Decision counters for one policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PolicyDecisions {
     /// `namespace/name`.
     pub policy: String,
@@ -94,7 +101,7 @@ pub enum AuthKind {
 
 /// Traffic seen on one endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct InventoryEntry {
     /// The inbound port.
     pub port: u16,
@@ -108,7 +115,7 @@ pub struct InventoryEntry {
     pub requests: u64,
     /// Responses by class, index 0 = 1xx … 4 = 5xx.
     pub responses: [u64; 5],
-    /// Requests with no identity.
+    /// Requests served (not refused) to callers with no identity.
     pub unauthenticated: u64,
     /// Requests refused.
     pub denied: u64,
@@ -174,7 +181,7 @@ impl InventoryEntry {
 
 /// A caller and its request count.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PrincipalCount {
     /// The principal.
     pub principal: String,
@@ -184,7 +191,7 @@ pub struct PrincipalCount {
 
 /// A workload certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CertificateInfo {
     /// Serial number, hex.
     pub serial: String,

@@ -80,6 +80,7 @@ pub struct Env {
     pub app_hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub app_port: u16,
     pub settings: std::path::PathBuf,
+    pub shared: Arc<apiward_sidecar::state::Shared>,
 }
 
 pub fn write_settings(path: &Path, dir: &Path, app: std::net::SocketAddr, policy: &Value) {
@@ -129,7 +130,7 @@ pub async fn env_with(
         &policy(app.port(), &jwks, policy_extra),
         settings_extra,
     );
-    let (_shared, bound) = apiward_sidecar::start(&settings)
+    let (shared, bound) = apiward_sidecar::start(&settings)
         .await
         .expect("sidecar starts");
     Env {
@@ -141,6 +142,7 @@ pub async fn env_with(
         app_hits,
         app_port: app.port(),
         settings,
+        shared,
     }
 }
 
