@@ -20,8 +20,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use apiward_crds::{self as crds, ApiPolicy};
 use apiward_policy::config::{self as wire, SidecarConfig};
-use apiward_policy::duration::parse_duration;
-use apiward_policy::time::parse_rfc3339;
 use hmac::{Hmac, Mac};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -172,7 +170,7 @@ fn hex(b: &[u8]) -> String {
 
 /// A policy turned into its wire pieces, before merging into ports.
 #[derive(Debug, Clone)]
-struct Compiled {
+pub(crate) struct Compiled {
     key: String,
     ports: Vec<u16>,
     mode: wire::Mode,
@@ -187,468 +185,31 @@ struct Compiled {
     egress: Option<Vec<wire::EgressRule>>,
 }
 
-fn op(o: &crds::Operation) -> wire::Operation {
-    wire::Operation {
-        methods: o.methods.iter().map(|m| m.as_str().to_owned()).collect(),
-        paths: o.paths.clone(),
-        headers: o
-            .headers
-            .iter()
-            .map(|h| wire::HeaderMatch {
-                name: h.name.clone(),
-                value: h.value.clone(),
-            })
-            .collect(),
-    }
-}
-
-fn ms(s: &str) -> u64 {
-    parse_duration(s).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// OpenAPI `paths` → declared endpoints (methods in upper case).
-fn openapi_endpoints(doc: &str) -> Result<Vec<wire::Endpoint>, String> {
-    let v: serde_json::Value =
-        serde_norway::from_str(doc).map_err(|e| format!("not YAML/JSON: {e}"))?;
-    let paths = v
-        .get("paths")
-        .and_then(|p| p.as_object())
-        .ok_or("no paths object")?;
-    let mut out = Vec::new();
-    for (path, item) in paths {
-        apiward_policy::template::PathTemplate::parse(path).map_err(|e| e.to_string())?;
-        for m in ["get", "head", "post", "put", "patch", "delete", "options"] {
-            if let Some(opn) = item.get(m) {
-                out.push(wire::Endpoint {
-                    method: m.to_uppercase(),
-                    path: path.clone(),
-                    deprecated: opn
-                        .get("deprecated")
-                        .and_then(|d| d.as_bool())
-                        .unwrap_or(false),
-                    sunset_unix: None,
-                });
-            }
-        }
-    }
-    Ok(out)
-}
-
 fn compile_policy(
     p: &ApiPolicy,
-    inputs: &Refs<'_>,
+    refs: &Refs<'_>,
     trust_domain: &str,
     conds: &mut Vec<PolicyCondition>,
 ) -> Option<Compiled> {
-    let pk = policy_key(p);
-    let ns = p.metadata.namespace.as_deref().unwrap_or("default");
-    let errors = crds::validate(&p.spec);
-    if !errors.is_empty() {
-        conds.push(PolicyCondition {
-            type_: crds::conditions::ACCEPTED,
-            status: false,
-            reason: crds::conditions::reasons::INVALID,
-            message: errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        });
-        return None;
-    }
-    let audit = p.spec.mode == crds::Mode::Audit;
-    let mut missing: Vec<String> = Vec::new();
-    let authn = p.spec.authentication.clone().unwrap_or_default();
-    let mut jwt = Vec::new();
-    for j in &authn.jwt {
-        let id = format!("{pk}/{}", j.name);
-        let jwks = if let Some(u) = &j.jwks_uri {
-            wire::JwksSource::Uri(u.clone())
-        } else if let Some(doc) = &j.jwks {
-            wire::JwksSource::Inline(doc.clone())
-        } else if let Some(r) = &j.jwks_secret_ref {
-            match secret_value(inputs.secrets, ns, &r.name).and_then(|d| d.get(&r.key).cloned()) {
-                Some(b) => wire::JwksSource::Inline(String::from_utf8_lossy(&b).into_owned()),
-                None => {
-                    missing.push(format!(
-                        "Secret {ns}/{} key {} (authentication.jwt {})",
-                        r.name, r.key, j.name
-                    ));
-                    continue;
-                }
-            }
-        } else {
-            continue;
-        };
-        let mut algorithms: Vec<String> = j.algorithms.iter().map(|a| format!("{a:?}")).collect();
-        if algorithms.is_empty() {
-            algorithms = vec!["RS256".into(), "ES256".into()];
+    match translate::policy(p, refs, trust_domain) {
+        Ok(c) => {
+            conds.push(PolicyCondition {
+                type_: crds::conditions::RESOLVED_REFS,
+                status: true,
+                reason: crds::conditions::reasons::RESOLVED_REFS,
+                message: "all references resolved".into(),
+            });
+            Some(c)
         }
-        jwt.push(wire::JwtProvider {
-            id,
-            issuer: j.issuer.clone(),
-            audiences: j.audiences.clone(),
-            jwks,
-            algorithms,
-            clock_skew_seconds: j.clock_skew.as_deref().map_or(30, |s| ms(s) / 1000),
-            forward_claims: j.forward_claims.clone(),
-            token_header: j.header.clone().unwrap_or_else(|| "authorization".into()),
-        });
-    }
-    let mut api_keys = Vec::new();
-    for k in &authn.api_keys {
-        let id = format!("{pk}/{}", k.name);
-        let Some(data) = secret_value(inputs.secrets, ns, &k.secret_ref.name) else {
-            missing.push(format!(
-                "Secret {ns}/{} (authentication.apiKeys {})",
-                k.secret_ref.name, k.name
-            ));
-            continue;
-        };
-        let hk = hmac_key(&pk, &k.name, &k.secret_ref.name);
-        api_keys.push(wire::ApiKeyProvider {
-            id,
-            header: if k.query.is_some() {
-                k.header.clone()
-            } else {
-                Some(k.header.clone().unwrap_or_else(|| "x-api-key".into()))
-            },
-            query: k.query.clone(),
-            keys: data
-                .iter()
-                .map(|(client, key)| wire::ApiKeyHash {
-                    client: client.clone(),
-                    hash: hash_api_key(&hk, key.trim_ascii()),
-                })
-                .collect(),
-            hmac_key: hex(&hk),
-        });
-    }
-    let mut api = None;
-    if let Some(a) = &p.spec.api {
-        let mut endpoints: Vec<wire::Endpoint> = a
-            .endpoints
-            .iter()
-            .map(|e| wire::Endpoint {
-                method: e.method.as_str().to_owned(),
-                path: e.path.clone(),
-                deprecated: e.deprecated,
-                sunset_unix: e.sunset.as_deref().and_then(parse_rfc3339),
-            })
-            .collect();
-        if let Some(r) = &a.openapi_ref {
-            let cm = inputs.config_maps.get(&key(ns, &r.config_map_ref.name));
-            match cm
-                .and_then(|c| c.data.as_ref())
-                .and_then(|d| d.get(&r.config_map_ref.key))
-            {
-                None => missing.push(format!(
-                    "ConfigMap {ns}/{} key {} (api.openapiRef)",
-                    r.config_map_ref.name, r.config_map_ref.key
-                )),
-                Some(doc) => match openapi_endpoints(doc) {
-                    Ok(eps) => {
-                        for e in eps {
-                            if !endpoints
-                                .iter()
-                                .any(|x| x.method == e.method && x.path == e.path)
-                            {
-                                endpoints.push(e);
-                            }
-                        }
-                    }
-                    Err(err) => {
-                        conds.push(PolicyCondition {
-                            type_: crds::conditions::RESOLVED_REFS,
-                            status: false,
-                            reason: crds::conditions::reasons::INVALID_REF,
-                            message: format!(
-                                "ConfigMap {ns}/{} key {}: {err}",
-                                r.config_map_ref.name, r.config_map_ref.key
-                            ),
-                        });
-                        return None;
-                    }
-                },
-            }
+        Err(e) => {
+            conds.push(e.condition());
+            None
         }
-        api = Some(wire::ApiSurface {
-            declared: true,
-            endpoints,
-            undeclared: match a.undeclared {
-                crds::UndeclaredAction::Allow => wire::UndeclaredAction::Allow,
-                crds::UndeclaredAction::Audit => wire::UndeclaredAction::Audit,
-                crds::UndeclaredAction::Deny => wire::UndeclaredAction::Deny,
-            },
-        });
-    }
-    if !missing.is_empty() {
-        conds.push(PolicyCondition {
-            type_: crds::conditions::RESOLVED_REFS,
-            status: false,
-            reason: crds::conditions::reasons::REF_NOT_FOUND,
-            message: format!("not found: {}", missing.join(", ")),
-        });
-        return None;
-    }
-    conds.push(PolicyCondition {
-        type_: crds::conditions::RESOLVED_REFS,
-        status: true,
-        reason: crds::conditions::reasons::RESOLVED_REFS,
-        message: "all references resolved".into(),
-    });
-    let td = trust_domain;
-    let rules = p
-        .spec
-        .rules
-        .iter()
-        .map(|r| wire::RuleConfig {
-            policy: pk.clone(),
-            name: r.name.clone(),
-            action: match r.action {
-                crds::Action::Allow => wire::Action::Allow,
-                crds::Action::Deny => wire::Action::Deny,
-            },
-            audit: audit || r.mode == Some(crds::Mode::Audit),
-            from: r
-                .from
-                .iter()
-                .map(|s| wire::Source {
-                    principals: s
-                        .service_accounts
-                        .iter()
-                        .map(|sa| {
-                            let (n, a) = sa.split_once('/').unwrap_or(("default", sa));
-                            format!("spiffe://{td}/ns/{n}/sa/{a}")
-                        })
-                        .chain(s.identities.iter().cloned())
-                        .collect(),
-                    namespaces: s.namespaces.clone(),
-                    jwt: s.jwt.as_ref().map(|j| wire::JwtMatch {
-                        provider: format!("{pk}/{}", j.provider),
-                        claims: j.claims.clone(),
-                    }),
-                    api_keys: s.api_keys.iter().map(|k| format!("{pk}/{k}")).collect(),
-                    ip_blocks: s.ip_blocks.clone(),
-                    unauthenticated: s.unauthenticated,
-                })
-                .collect(),
-            to: r.to.iter().map(op).collect(),
-            bind: r
-                .bind
-                .iter()
-                .filter_map(|b| {
-                    let source = if let Some(p) = &b.path_param {
-                        wire::BindSource::PathParam(p.clone())
-                    } else if let Some(q) = &b.query_param {
-                        wire::BindSource::QueryParam(q.clone())
-                    } else {
-                        wire::BindSource::Header(b.header.clone()?)
-                    };
-                    Some(wire::Binding {
-                        source,
-                        claim: b.claim.clone(),
-                    })
-                })
-                .collect(),
-        })
-        .collect();
-    let quotas = p
-        .spec
-        .quotas
-        .iter()
-        .map(|q| {
-            let window = match q.limit.window {
-                crds::Window::Rolling => wire::Window::Rolling,
-                crds::Window::Calendar => wire::Window::Calendar(match q.limit.per.as_str() {
-                    "1s" => wire::CalendarUnit::Second,
-                    "1m" => wire::CalendarUnit::Minute,
-                    "1h" => wire::CalendarUnit::Hour,
-                    "1mo" => wire::CalendarUnit::Month,
-                    _ => wire::CalendarUnit::Day,
-                }),
-            };
-            wire::QuotaConfig {
-                policy: pk.clone(),
-                name: q.name.clone(),
-                matches: q.matches.iter().map(op).collect(),
-                key: if q.key.principal {
-                    wire::QuotaKey::Principal
-                } else if let Some(c) = &q.key.claim {
-                    wire::QuotaKey::Claim(c.clone())
-                } else if let Some(k) = &q.key.api_key {
-                    wire::QuotaKey::ApiKey(format!("{pk}/{k}"))
-                } else if let Some(h) = &q.key.header {
-                    wire::QuotaKey::Header(h.clone())
-                } else {
-                    wire::QuotaKey::SourceIp
-                },
-                requests: q.limit.requests,
-                period_ms: if q.limit.per == "1mo" {
-                    30 * 86_400_000
-                } else {
-                    ms(&q.limit.per)
-                },
-                burst: q.limit.burst.unwrap_or(0),
-                window,
-                scope: match q.scope {
-                    crds::QuotaScope::Local => wire::QuotaScope::Local,
-                    crds::QuotaScope::Global => wire::QuotaScope::Global,
-                },
-                on_exceed: match (q.on_exceed, &q.max_delay) {
-                    (crds::OnExceed::Delay, Some(d)) => wire::OnExceed::Delay {
-                        max_delay_ms: ms(d),
-                    },
-                    _ => wire::OnExceed::Reject,
-                },
-                on_store_error: match (q.on_store_error, q.critical) {
-                    (Some(crds::OnStoreError::FailOpen), _) | (None, false) => {
-                        wire::OnStoreError::FailOpen
-                    }
-                    (Some(crds::OnStoreError::FailClosed), _) | (None, true) => {
-                        wire::OnStoreError::FailClosed
-                    }
-                },
-                audit,
-            }
-        })
-        .collect();
-    let limits = p
-        .spec
-        .request_limits
-        .as_ref()
-        .map_or_else(Default::default, |l| wire::RequestLimits {
-            max_body_bytes: l.max_body_bytes,
-            max_header_bytes: l.max_header_bytes,
-            content_types: l.content_types.clone(),
-            max_json_depth: l.max_json_depth,
-            timeout_ms: l.timeout.as_deref().map(ms),
-        });
-    let rf = p.spec.response_filter.clone().unwrap_or_default();
-    let response = wire::ResponseFilter {
-        remove_fields: rf.remove_fields,
-        remove_headers: rf.remove_headers,
-        mask_server_errors: rf.mask_server_errors.unwrap_or(true),
-        on_unfilterable: match rf.on_unfilterable {
-            Some(apiward_crds::OnUnfilterable::Pass) => wire::OnUnfilterable::Pass,
-            Some(apiward_crds::OnUnfilterable::Refuse) | None => wire::OnUnfilterable::Refuse,
-        },
-    };
-    let egress = p.spec.egress.as_ref().map(|e| {
-        e.allow
-            .iter()
-            .map(|r| wire::EgressRule {
-                hosts: r.hosts.clone(),
-                cidrs: r.cidrs.clone(),
-                ports: r.ports.clone(),
-                tls_required: r.tls == crds::EgressTls::Required,
-            })
-            .collect()
-    });
-    Some(Compiled {
-        key: pk,
-        ports: p.spec.target_ref.ports.clone(),
-        mode: if audit {
-            wire::Mode::Audit
-        } else {
-            wire::Mode::Enforce
-        },
-        mtls: match p.spec.mtls {
-            crds::MtlsMode::Strict => wire::MtlsMode::Strict,
-            crds::MtlsMode::Permissive => wire::MtlsMode::Permissive,
-            crds::MtlsMode::Disabled => wire::MtlsMode::Disabled,
-        },
-        jwt,
-        api_keys,
-        rules,
-        quotas,
-        limits,
-        response,
-        api,
-        egress,
-    })
-}
-
-fn min_opt<T: Ord + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.min(y)),
-        (x, y) => x.or(y),
     }
 }
 
 /// Link-local and cloud-metadata addresses, blocked for egress by default (OWASP API7).
 pub const DEFAULT_BLOCKED_CIDRS: [&str; 2] = ["169.254.0.0/16", "fd00:ec2::254/128"];
-
-fn merge_port(port: u16, parts: &[&Compiled]) -> Result<wire::PortPolicy, String> {
-    let mut p = wire::PortPolicy {
-        port,
-        policies: parts.iter().map(|c| c.key.clone()).collect(),
-        mtls: parts.iter().map(|c| c.mtls).max().unwrap_or_default(),
-        mode: if parts.iter().all(|c| c.mode == wire::Mode::Audit) {
-            wire::Mode::Audit
-        } else {
-            wire::Mode::Enforce
-        },
-        jwt_providers: parts
-            .iter()
-            .flat_map(|c| c.jwt.iter().map(|j| j.id.clone()))
-            .collect(),
-        api_key_providers: parts
-            .iter()
-            .flat_map(|c| c.api_keys.iter().map(|j| j.id.clone()))
-            .collect(),
-        rules: parts.iter().flat_map(|c| c.rules.iter().cloned()).collect(),
-        quotas: parts
-            .iter()
-            .flat_map(|c| c.quotas.iter().cloned())
-            .collect(),
-        limits: Default::default(),
-        response: Default::default(),
-        api: Default::default(),
-    };
-    let mut remove_headers: BTreeSet<String> =
-        ["server".to_string(), "x-powered-by".to_string()].into();
-    let mut remove_fields = BTreeSet::new();
-    for c in parts {
-        let l = &c.limits;
-        p.limits.max_body_bytes = min_opt(p.limits.max_body_bytes, l.max_body_bytes);
-        p.limits.max_header_bytes = min_opt(p.limits.max_header_bytes, l.max_header_bytes);
-        p.limits.max_json_depth = min_opt(p.limits.max_json_depth, l.max_json_depth);
-        p.limits.timeout_ms = min_opt(p.limits.timeout_ms, l.timeout_ms);
-        if !l.content_types.is_empty() {
-            if !p.limits.content_types.is_empty() && p.limits.content_types != l.content_types {
-                return Err(format!(
-                    "{} sets requestLimits.contentTypes {:?} on port {port}, but another policy selecting the same pods sets {:?}",
-                    c.key, l.content_types, p.limits.content_types
-                ));
-            }
-            p.limits.content_types = l.content_types.clone();
-        }
-        remove_headers.extend(c.response.remove_headers.iter().cloned());
-        remove_fields.extend(c.response.remove_fields.iter().cloned());
-        p.response.mask_server_errors |= c.response.mask_server_errors;
-        // Merged, the stricter wins: one policy refusing unreadable responses is enough.
-        if c.response.on_unfilterable == wire::OnUnfilterable::Refuse {
-            p.response.on_unfilterable = wire::OnUnfilterable::Refuse;
-        }
-        if let Some(a) = &c.api {
-            p.api.declared = true;
-            p.api.undeclared = match (p.api.undeclared, a.undeclared) {
-                (wire::UndeclaredAction::Deny, _) | (_, wire::UndeclaredAction::Deny) => {
-                    wire::UndeclaredAction::Deny
-                }
-                (wire::UndeclaredAction::Audit, _) | (_, wire::UndeclaredAction::Audit) => {
-                    wire::UndeclaredAction::Audit
-                }
-                _ => wire::UndeclaredAction::Allow,
-            };
-            p.api.endpoints.extend(a.endpoints.iter().cloned());
-        }
-    }
-    p.response.remove_headers = remove_headers.into_iter().collect();
-    p.response.remove_fields = remove_fields.into_iter().collect();
-    Ok(p)
-}
 
 /// Compiles everything at once. Deterministic: the same inputs give the same configs and
 /// versions, whatever their order.
@@ -1139,11 +700,11 @@ impl Compiler {
             if parts.is_empty() {
                 continue;
             }
-            match merge_port(port, &parts) {
+            match merge::port(port, &parts) {
                 Ok(pp) => port_policies.push(pp),
                 Err(msg) => {
                     let last = parts.last().map(|c| c.key.clone()).unwrap_or_default();
-                    return Err((last, msg));
+                    return Err((last, msg.to_string()));
                 }
             }
         }
@@ -1239,6 +800,11 @@ pub fn version_of(cfg: &SidecarConfig) -> String {
     hex(&Sha256::digest(&bytes)[..8])
 }
 
+mod error;
 pub mod lint;
+mod merge;
+mod translate;
+
+pub use error::CompileError;
 #[cfg(test)]
 mod tests;

@@ -286,3 +286,27 @@ fn global_quotas_fail_open_unless_critical_or_told_otherwise() {
         "an explicit choice wins over critical"
     );
 }
+
+#[test]
+fn unfilterable_refusal_is_a_required_feature() {
+    let out = compile(&examples());
+    let mut seen = 0;
+    for cfg in out.configs.values() {
+        let refuses = cfg.ports.iter().any(|p| {
+            !p.response.remove_fields.is_empty()
+                && p.response.on_unfilterable == wire::OnUnfilterable::Refuse
+        });
+        assert_eq!(
+            cfg.requires
+                .iter()
+                .any(|f| f == "responseFilter.onUnfilterable"),
+            refuses,
+            "{}",
+            cfg.workload.name
+        );
+        seen += usize::from(refuses);
+        // Whatever a config requires, this release's sidecar implements.
+        cfg.check_version().unwrap();
+    }
+    assert!(seen > 0, "the examples filter responses somewhere");
+}

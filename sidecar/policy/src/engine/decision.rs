@@ -238,4 +238,6 @@ pub struct PendingQuota {
     pub key: String,
     /// Exceeding it is only a would-deny (Audit).
     pub audit: bool,
+    /// When the request was decided (Unix ms).
+    pub now_ms: u64,
 }

@@ -166,7 +166,7 @@ impl Engine {
         let Some(q) = self.quota(&pending) else {
             return true;
         };
-        quotas::merge(d, q, pending.key, verdict, pending.audit)
+        quotas::merge(d, q, pending.key, verdict, pending.audit, pending.now_ms)
     }
 
     /// The quota a [`PendingQuota`] refers to.

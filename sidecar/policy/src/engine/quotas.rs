@@ -2,9 +2,9 @@
 //! tightest verdict is reported, and the first spent one refuses (or, in Audit, is a
 //! would-deny). Global quotas the store cannot answer at once are left pending.
 
-use crate::config::{QuotaConfig, QuotaKey};
+use crate::config::{QuotaConfig, QuotaKey, Window};
 use crate::normalize::NormalizedPath;
-use crate::quota::{QuotaStore, QuotaVerdict};
+use crate::quota::{QuotaStore, QuotaVerdict, calendar_window};
 
 use super::compiled::{PortEngine, method_bit};
 use super::decision::{Decision, PendingQuota, QuotaOutcome, Reason, RuleRef, Verdict};
@@ -71,6 +71,7 @@ pub(crate) fn apply<'e>(
                 index: i,
                 key,
                 audit: q.audit || audit_port,
+                now_ms: req.now_ms,
             });
             continue;
         };
@@ -82,7 +83,7 @@ pub(crate) fn apply<'e>(
                 format!("quota key {key:?}: {} of {} left", v.remaining, v.limit),
             ));
         }
-        if !merge(d, q, key, v, q.audit || audit_port) {
+        if !merge(d, q, key, v, q.audit || audit_port, req.now_ms) {
             return;
         }
     }
@@ -96,6 +97,7 @@ pub(crate) fn merge<'e>(
     key: String,
     v: QuotaVerdict,
     audit: bool,
+    now_ms: u64,
 ) -> bool {
     let tighter = d
         .quota
@@ -108,7 +110,7 @@ pub(crate) fn merge<'e>(
         },
         key,
         verdict: v,
-        window_seconds: (q.period_ms / 1000).max(1),
+        window_seconds: window_seconds(q, now_ms),
     };
     if !v.allowed {
         d.quota = Some(outcome);
@@ -128,4 +130,14 @@ pub(crate) fn merge<'e>(
         d.quota = Some(outcome);
     }
     true
+}
+
+/// The period a quota's limit is per, in seconds: a Calendar window's is the current
+/// window's own length (this month's days, not a nominal 30).
+fn window_seconds(q: &QuotaConfig, now_ms: u64) -> u64 {
+    let ms = match q.window {
+        Window::Calendar(unit) => calendar_window(unit, now_ms).1,
+        Window::Rolling => q.period_ms,
+    };
+    (ms / 1000).max(1)
 }

@@ -538,6 +538,30 @@ fn a_calendar_quota_resets_on_the_utc_boundary() {
 }
 
 #[test]
+fn a_monthly_quota_is_per_the_months_own_length() {
+    let e = quota_engine(
+        QuotaConfig::test("monthly", QuotaKey::SourceIp, 10, 30 * 86_400_000)
+            .window(Window::Calendar(crate::config::CalendarUnit::Month)),
+    );
+    let store = LocalQuotas::new(64);
+    let feb = 1_770_000_000_000; // 2026-02-02
+    let q = TestRequest::get("/x")
+        .at(feb)
+        .decide(&e, &store)
+        .quota
+        .unwrap();
+    assert_eq!(q.window_seconds, 28 * 86_400, "February 2026 has 28 days");
+    let jan = 1_767_400_000_000; // 2026-01-03
+    let q = TestRequest::get("/x")
+        .from_ip("10.0.0.9")
+        .at(jan)
+        .decide(&e, &store)
+        .quota
+        .unwrap();
+    assert_eq!(q.window_seconds, 31 * 86_400);
+}
+
+#[test]
 fn quotas_are_not_counted_for_requests_the_rules_refuse() {
     let e = engine(
         PortPolicy::test(8080)
