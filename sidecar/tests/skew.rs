@@ -115,3 +115,35 @@ async fn a_config_requiring_a_feature_this_sidecar_lacks_is_refused_and_the_last
         .unwrap();
     assert_eq!(rejected.version, "v3");
 }
+
+#[tokio::test]
+async fn each_input_replaces_only_its_part_and_the_engine_is_reused_while_the_policy_is_the_same() {
+    use apiward_sidecar::state::Change;
+    use std::sync::Arc;
+    let (e, mut cfg) = pushed_env("state-inputs").await;
+    cfg["version"] = json!("v1");
+    push(&e, &cfg);
+    let engine = |e: &Env| e.shared.active.load_full().unwrap().engine.clone().unwrap();
+    let first = engine(&e);
+    // A mesh table or a renewed certificate rebuilds the derived state, not the engine.
+    e.shared.rebuild(Change::Mesh).unwrap();
+    assert!(
+        Arc::ptr_eq(&first, &engine(&e)),
+        "the engine was rebuilt for a mesh change"
+    );
+    e.shared.rebuild(Change::Identity).unwrap();
+    assert!(Arc::ptr_eq(&first, &engine(&e)));
+    // A pushed config is not read back from the settings file: a settings file broken since
+    // does not stop it (the last good settings stay in force).
+    std::fs::write(&e.settings, "{not settings").unwrap();
+    cfg["version"] = json!("v2");
+    push(&e, &cfg);
+    assert_eq!(enforced(&e).as_deref(), Some("v2"));
+    assert!(
+        !Arc::ptr_eq(&first, &engine(&e)),
+        "a new policy gets a new engine"
+    );
+    // Reading the broken file itself is refused, and v2 keeps serving.
+    assert!(e.shared.reload().is_err());
+    assert_eq!(enforced(&e).as_deref(), Some("v2"));
+}

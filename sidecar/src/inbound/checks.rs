@@ -17,7 +17,7 @@ use crate::refusal::Refusal;
 /// The connection is still of a kind the port accepts (a reload may have made it
 /// unacceptable), and the head is within the size limit.
 pub fn admit(ctx: &RequestCtx<'_>, head: &http::request::Parts) -> Result<(), Refusal> {
-    let mode = ctx.engine.mtls(ctx.port_no);
+    let mode = ctx.decision.mtls;
     if (mode == MtlsMode::Strict && ctx.info.peer.is_none())
         || (mode == MtlsMode::Disabled && ctx.info.tls)
     {

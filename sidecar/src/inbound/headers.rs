@@ -139,4 +139,7 @@ impl Headers for HeaderView<'_> {
     fn contains(&self, name: &str) -> bool {
         self.0.contains_key(name)
     }
+    fn contains_any(&self, names: &[&str]) -> bool {
+        self.0.keys().any(|k| names.contains(&k.as_str()))
+    }
 }

@@ -48,6 +48,11 @@ pub trait Headers {
     fn get_one(&self, name: &str) -> Option<&str>;
     /// Whether the header appears at all.
     fn contains(&self, name: &str) -> bool;
+    /// Whether any of these (lower-case) headers appears. A header map implements it as one
+    /// pass over the request's header names instead of one hashed lookup per name.
+    fn contains_any(&self, names: &[&str]) -> bool {
+        names.iter().any(|n| self.contains(n))
+    }
 }
 
 impl Headers for Vec<(&str, &str)> {

@@ -24,19 +24,14 @@ pub(crate) fn request_line(req: &Request<'_>) -> Result<(), Reason> {
     if matches!(req.method, "TRACE" | "TRACK" | "CONNECT") {
         return Err(Reason::MethodNotAllowed);
     }
-    if METHOD_OVERRIDE_HEADERS
-        .iter()
-        .any(|h| req.headers.contains(h))
+    if req.headers.contains_any(&METHOD_OVERRIDE_HEADERS)
         || req.query.is_some_and(has_method_override_param)
     {
         return Err(Reason::MethodOverride);
     }
     // Headers Symfony, Zend and IIS read as the path instead of the request line's:
     // the app would route a path the policy never saw.
-    if PATH_OVERRIDE_HEADERS
-        .iter()
-        .any(|h| req.headers.contains(h))
-    {
+    if req.headers.contains_any(&PATH_OVERRIDE_HEADERS) {
         return Err(Reason::PathOverride);
     }
     Ok(())
