@@ -1,12 +1,12 @@
 //! Stage: authorize. The engine decides on the verified facts (declared API, rules,
 //! bindings, quotas); Global quotas it left pending are counted in the shared store; a
-//! Delay quota waits here. A refusal carries the rate-limit headers of its quota.
+//! Delay quota waits here. (A refusal's rate-limit headers are added where it is answered.)
 
 use std::time::{Duration, Instant};
 
 use apiward_policy::engine::{NoTrace, Request as Facts};
 
-use super::headers::{HeaderView, rate_limit_headers};
+use super::headers::HeaderView;
 use super::pipeline::RequestCtx;
 use crate::refusal::Refusal;
 
@@ -36,7 +36,6 @@ pub async fn stage(ctx: &mut RequestCtx<'_>, head: &http::request::Parts) -> Res
         .decision_duration
         .observe(decided_at.elapsed().as_secs_f64());
     if !ctx.decision.allowed() {
-        rate_limit_headers(&mut ctx.refusal_headers, &ctx.decision);
         return Err(Refusal::from(ctx.decision.reason()));
     }
     if ctx.decision.delay_ms > 0 {

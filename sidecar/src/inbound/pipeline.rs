@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use apiward_policy::config::{PortPolicy, RequestLimits};
 use apiward_policy::engine::{Decision, Engine};
-use http::{HeaderMap, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 
 use super::authenticate::Caller;
@@ -58,8 +58,6 @@ pub struct RequestCtx<'a> {
     pub authn_would_deny: Option<&'static str>,
     /// The engine's decision (after `authorize`; allowed and unselected before).
     pub decision: Decision<'a>,
-    /// Headers a refusal carries besides its own (a quota refusal's `Retry-After`).
-    pub refusal_headers: HeaderMap,
     /// Set when the streamed body went over its limit.
     pub body_tripped: Arc<AtomicBool>,
 }
@@ -117,7 +115,6 @@ pub async fn handle(
         caller: Caller::default(),
         authn_would_deny: None,
         decision: Decision::new(engine.mtls(port_no)),
-        refusal_headers: HeaderMap::new(),
         body_tripped: Arc::default(),
     };
     let outcome = run(&mut ctx, head, body, upstream).await;
@@ -125,7 +122,10 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(refusal) => {
             let mut resp = refusal.response(&ctx.rid);
-            resp.headers_mut().extend(ctx.refusal_headers.drain());
+            if !ctx.decision.allowed() {
+                // The engine refused: a quota refusal says which quota and when to retry.
+                super::headers::rate_limit_headers(resp.headers_mut(), &ctx.decision);
+            }
             record::finish(&ctx, resp.status().as_u16(), Some(&refusal));
             return resp;
         }
