@@ -39,7 +39,7 @@ url=https://localhost:15006/api/ping
 for round in $(seq 1 "$ROUNDS"); do
   for bin in "${BINARIES[@]}"; do
     out="$work/cg.$round.$(basename "$bin")"
-    valgrind --tool=callgrind --callgrind-out-file="$out.%p" "$bin" run --config sidecar/benches/peers.yaml >"$out.log" 2>&1 &
+    valgrind --tool=callgrind ${VALGRIND_ARGS:-} --callgrind-out-file="$out.%p" "$bin" run --config sidecar/benches/peers.yaml >"$out.log" 2>&1 &
     pid=$!
     for _ in $(seq 1 300); do ss -ltnH 'sport = :15006' | grep -q . && break; sleep 0.1; done
     oha -n 400 -c "$C" --no-tui "${tls[@]}" "$url" >/dev/null
