@@ -201,8 +201,8 @@ struct Lease {
     limit: u64,
     /// The next batch to ask for.
     next_batch: u64,
-    /// Rolling windows: the emission interval, ms (0 for Calendar).
-    interval_ms: u64,
+    /// Rolling windows: the emission interval, ms, to the microsecond (0 for Calendar).
+    interval_ms: f64,
     /// After a refusal, later requests are refused without asking Redis until then (at
     /// most a lease's lifetime, so budget given back elsewhere is seen soon).
     refused_until_ms: u64,
@@ -268,7 +268,9 @@ redis.call('SET', KEYS[1], used + n, 'PXAT', tonumber(ARGV[4]) + tonumber(ARGV[6
 return {n, left - n}
 ";
 
-/// Rolling (GCRA): KEYS[1] holds the theoretical arrival time, Unix ms.
+/// Rolling (GCRA): KEYS[1] holds the theoretical arrival time, Unix ms with three decimals
+/// (an emission interval below a millisecond is kept: 1,000,000 per second is 0.001 ms).
+/// Sidecars that wrote whole milliseconds read and write the same key.
 /// ARGV: now, interval, capacity (interval × limit), want, divisor, give back, expiry slack.
 /// Returns {granted, left after, ms until the budget is full again, retry after ms}.
 const ROLLING_LEASE: &str = r"
@@ -277,14 +279,14 @@ local t = tonumber(ARGV[2])
 local cap = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[6]) * t
 if tat < now then tat = now end
-local left = math.floor((cap - (tat - now)) / t)
+local left = math.floor((cap - (tat - now)) / t + 1e-9)
 if left <= 0 then
-  return {0, 0, tat - now, tat + t - cap - now}
+  return {0, 0, math.ceil(tat - now), math.ceil(tat + t - cap - now)}
 end
 local n = math.min(tonumber(ARGV[4]), math.max(1, math.floor(left / tonumber(ARGV[5]))))
 tat = tat + n * t
-redis.call('SET', KEYS[1], tat, 'PXAT', tat + tonumber(ARGV[7]))
-return {n, left - n, tat - now, 0}
+redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PXAT', math.ceil(tat + tonumber(ARGV[7])))
+return {n, left - n, math.ceil(tat - now), 0}
 ";
 
 /// Gives back unspent requests. KEYS[1]; ARGV: count, interval (0 for Calendar), now, slack.
@@ -299,10 +301,16 @@ if t == 0 then
 else
   local tat = tonumber(v) - tonumber(ARGV[1]) * t
   local now = tonumber(ARGV[3])
-  if tat <= now then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], tat, 'PXAT', tat + tonumber(ARGV[4])) end
+  if tat <= now then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PXAT', math.ceil(tat + tonumber(ARGV[4]))) end
 end
 return 1
 ";
+
+/// A Rolling quota's emission interval in ms, to the microsecond (as the local GCRA counts).
+fn rolling_interval_ms(q: &apiward_policy::config::QuotaConfig) -> f64 {
+    let us = (q.period_ms.saturating_mul(1000) / q.requests.max(1)).max(1);
+    us as f64 / 1000.0
+}
 
 /// Global quota counters in Redis, with local leases.
 pub struct GlobalQuotas {
@@ -513,8 +521,8 @@ impl GlobalQuotas {
             l.store_left = verdict.remaining;
             l.reset_at_ms = now_ms + verdict.reset_ms;
             l.interval_ms = match q.window {
-                Window::Rolling => (q.period_ms / q.requests.max(1)).max(1),
-                Window::Calendar(_) => 0,
+                Window::Rolling => rolling_interval_ms(q),
+                Window::Calendar(_) => 0.0,
             };
             if granted == 0 {
                 l.retry_at_ms = now_ms + verdict.retry_after_ms;
@@ -583,11 +591,11 @@ impl GlobalQuotas {
             }
             Window::Rolling => {
                 let limit = q.requests + q.burst;
-                let t = (q.period_ms / q.requests.max(1)).max(1);
+                let t = rolling_interval_ms(q);
                 let mut inv = self.rolling.key(id);
                 inv.arg(now_ms)
                     .arg(t)
-                    .arg(t * limit)
+                    .arg(t * limit as f64)
                     .arg(want)
                     .arg(BATCH_DIVISOR)
                     .arg(give_back)
@@ -920,7 +928,7 @@ mod tests {
             reset_at_ms: 2_000,
             limit: 10,
             next_batch: 2,
-            interval_ms: 0,
+            interval_ms: 0.0,
             refused_until_ms: 0,
             retry_at_ms: 0,
         };

@@ -751,3 +751,33 @@ async fn a_full_lease_table_still_serves_new_keys_exactly() {
     assert!(!v.allowed);
     assert_eq!(v.remaining, 0);
 }
+
+/// A Global Rolling quota above 1,000 per second keeps its rate after the burst: Redis holds
+/// the theoretical arrival time to the microsecond (the emission interval is not rounded up
+/// to a millisecond, which made 2,000 per second behave as 1,000).
+#[tokio::test]
+async fn a_global_rate_above_a_thousand_per_second_is_kept() {
+    let redis = Redis::start();
+    let g = store(&redis, 1);
+    let mut q = store_quota(Window::Rolling, 2_000, OnStoreError::FailClosed);
+    q.period_ms = 1_000; // 2,000 per second: 0.5 ms apart
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let now = move || t0;
+    let mut passed = 0;
+    while g.acquire(&q, "fast", &now).await.unwrap().allowed {
+        passed += 1;
+        assert!(passed <= 2_000, "more than the limit at one instant");
+    }
+    assert_eq!(passed, 2_000);
+    // 10 ms later, 20 requests' worth has come back (10 at a millisecond per request).
+    let later = move || t0 + 10;
+    let mut back = 0;
+    while g.acquire(&q, "fast", &later).await.unwrap().allowed {
+        back += 1;
+        assert!(back <= 20);
+    }
+    assert_eq!(back, 20);
+}

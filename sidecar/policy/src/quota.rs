@@ -19,10 +19,11 @@ use crate::time::{civil_from_days, days_from_civil};
 /// The stored state of one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaState {
-    /// GCRA theoretical arrival time, Unix ms.
+    /// GCRA theoretical arrival time, Unix µs (an emission interval finer than a
+    /// millisecond is kept exactly: 1,000,000 per second is 1 µs apart).
     Rolling {
         /// Theoretical arrival time.
-        tat_ms: u64,
+        tat_us: u64,
     },
     /// Requests counted in the window `[window_start_ms, window_end_ms)`.
     Calendar {
@@ -83,41 +84,42 @@ pub fn acquire(
     };
     match q.window {
         Window::Rolling => {
+            // GCRA in microseconds; verdict durations are rounded up to milliseconds.
+            let ms = |us: u64| us.div_ceil(1000);
+            let now = now_ms * 1000;
             let requests = q.requests.max(1);
-            let t = (q.period_ms / requests).max(1);
+            let t = (q.period_ms.saturating_mul(1000) / requests).max(1);
             let limit = requests + q.burst;
             let tau = t * (limit - 1);
             let tat = match state {
-                Some(QuotaState::Rolling { tat_ms }) => tat_ms.max(now_ms),
-                _ => now_ms,
+                Some(QuotaState::Rolling { tat_us }) => tat_us.max(now),
+                _ => now,
             };
             let new_tat = tat + t;
             let allow_at = new_tat.saturating_sub(tau + t);
-            if now_ms >= allow_at || allow_at - now_ms <= max_delay {
-                let delay_ms = allow_at.saturating_sub(now_ms);
-                let used = new_tat - now_ms;
+            if now >= allow_at || allow_at - now <= max_delay * 1000 {
+                let used = new_tat - now;
                 let remaining = (tau + t).saturating_sub(used) / t;
                 (
                     QuotaVerdict {
                         allowed: true,
-                        delay_ms,
+                        delay_ms: ms(allow_at.saturating_sub(now)),
                         limit,
                         remaining,
-                        reset_ms: used,
+                        reset_ms: ms(used),
                         retry_after_ms: 0,
                     },
-                    Some(QuotaState::Rolling { tat_ms: new_tat }),
+                    Some(QuotaState::Rolling { tat_us: new_tat }),
                 )
             } else {
-                let used = tat - now_ms;
                 (
                     QuotaVerdict {
                         allowed: false,
                         delay_ms: 0,
                         limit,
                         remaining: 0,
-                        reset_ms: used,
-                        retry_after_ms: allow_at - now_ms,
+                        reset_ms: ms(tat - now),
+                        retry_after_ms: ms(allow_at - now),
                     },
                     state,
                 )
@@ -187,7 +189,7 @@ pub fn acquire(
 /// from the state alone, so a store can evict keys of every quota, not only the one asking.
 pub fn is_idle(state: &QuotaState, now_ms: u64) -> bool {
     match state {
-        QuotaState::Rolling { tat_ms } => *tat_ms <= now_ms,
+        QuotaState::Rolling { tat_us } => *tat_us <= now_ms * 1000,
         QuotaState::Calendar { window_end_ms, .. } => *window_end_ms <= now_ms,
     }
 }
@@ -281,7 +283,7 @@ impl Partition {
                 return i;
             }
             let spent = match state {
-                QuotaState::Rolling { tat_ms } => tat_ms.saturating_sub(now_ms),
+                QuotaState::Rolling { tat_us } => (tat_us / 1000).saturating_sub(now_ms),
                 QuotaState::Calendar { count, .. } => *count,
             };
             if spent < best.0 {
@@ -426,6 +428,36 @@ mod tests {
         // After one emission interval, one more passes.
         assert!(store.acquire(80, 0, &q, "k", now + 600).allowed);
         assert!(!store.acquire(80, 0, &q, "k", now + 600).allowed);
+    }
+
+    #[test]
+    fn a_rate_above_a_thousand_per_second_is_kept_after_the_burst() {
+        // 1,000,000 per second: one request every microsecond, not one per millisecond.
+        let q = quota(100_000, 100, 0, Window::Rolling, OnExceed::Reject);
+        let mut state = None;
+        let now = 1_000_000;
+        for _ in 0..100_000 {
+            let (v, s) = acquire(&q, state, now);
+            assert!(v.allowed);
+            state = s;
+        }
+        assert!(!acquire(&q, state, now).0.allowed, "the limit is spent");
+        // A millisecond later, a thousand requests' worth has come back.
+        let later = now + 1;
+        let mut passed = 0;
+        loop {
+            let (v, s) = acquire(&q, state, later);
+            if !v.allowed {
+                assert_eq!(
+                    v.retry_after_ms, 1,
+                    "the next one is a microsecond away, rounded up"
+                );
+                break;
+            }
+            state = s;
+            passed += 1;
+        }
+        assert_eq!(passed, 1000);
     }
 
     #[test]
