@@ -40,6 +40,7 @@ pub async fn stage(
     body: ProxyBody,
     upstream: &Upstream,
 ) -> Result<Forwarded, Refusal> {
+    ctx.forwarded = true;
     let (active, port, info, rid) = (ctx.active, ctx.port, ctx.info, ctx.rid.as_str());
     let (caller, decision) = (&ctx.caller, &ctx.decision);
     let grpc = parts.version == Version::HTTP_2

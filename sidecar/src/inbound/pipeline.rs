@@ -60,6 +60,8 @@ pub struct RequestCtx<'a> {
     pub decision: Decision<'a>,
     /// Set when the streamed body went over its limit.
     pub body_tripped: Arc<AtomicBool>,
+    /// The request reached the app (its duration is observed, whatever the app answered).
+    pub forwarded: bool,
 }
 
 impl std::fmt::Debug for RequestCtx<'_> {
@@ -116,6 +118,7 @@ pub async fn handle(
         authn_would_deny: None,
         decision: Decision::new(engine.mtls(port_no)),
         body_tripped: Arc::default(),
+        forwarded: false,
     };
     let outcome = run(&mut ctx, head, body, upstream).await;
     let resp = match outcome {

@@ -45,7 +45,7 @@ pub fn finish(ctx: &RequestCtx<'_>, status: u16, refused: Option<&Refusal>) {
     if ctx.active.settings.record_inventory {
         see(ctx, status, refused.is_some() || !d.allowed());
     }
-    if refused.is_none() {
+    if ctx.forwarded {
         ctx.shared
             .metrics
             .request_duration
