@@ -276,15 +276,32 @@ impl Settings {
                 path: path.into(),
                 message: e.to_string(),
             })?;
-        let s: Settings = serde_json::from_value(value).map_err(|e| SettingsError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
+        // Hand-written: an unknown field anywhere is a typo, the inline policy's too (the
+        // wire types ignore unknown fields for version skew; a file gets no such leeway).
+        let mut unknown = Vec::new();
+        // (`?` marks an optional value in serde_ignored's paths: not part of the field name.)
+        let field = |p: serde_ignored::Path<'_>| {
+            let p = p.to_string();
+            p.split('.')
+                .filter(|s| *s != "?")
+                .collect::<Vec<_>>()
+                .join(".")
+        };
+        let s: Settings =
+            serde_ignored::deserialize(value, |p| unknown.push(field(p))).map_err(|e| {
+                SettingsError::Parse {
+                    path: path.into(),
+                    message: e.to_string(),
+                }
+            })?;
         let invalid = |field: &str, message: String| SettingsError::Invalid {
             path: path.into(),
             field: field.into(),
             message,
         };
+        if let Some(field) = unknown.first() {
+            return Err(invalid(field, "unknown field".into()));
+        }
         s.timeouts().map_err(|(f, m)| invalid(f, m))?;
         s.identity_header_name().map_err(|(f, m)| invalid(f, m))?;
         if let Some(p) = &s.policy {

@@ -665,6 +665,15 @@ async fn a_malformed_config_is_refused_at_start_with_the_field() {
     std::fs::write(&bad, "inbound: {port: 8080, listn: 1}\n").unwrap();
     let err = apiward_sidecar::start(&bad).await.unwrap_err().to_string();
     assert!(err.contains("unknown field `listn`"), "{err}");
+    // A typo in the inline policy is an error too (only pushed configs ignore unknown fields).
+    let with_typo = "inbound: {port: 8080}\npolicy: {apiVersion: apiward.io/sidecar/v1alpha1, version: t, trustDomain: td, workload: {namespace: a, name: b, serviceAccount: c}, defaultMtl: Strict}\n";
+    let path = bad.with_extension("typo.yaml");
+    std::fs::write(&path, with_typo).unwrap();
+    let err = apiward_sidecar::start(&path).await.unwrap_err().to_string();
+    assert!(
+        err.contains("policy.defaultMtl") && err.contains("unknown field"),
+        "{err}"
+    );
     // And through the binary: exit code 1 with the message on stderr.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_apiward-sidecar"))
         .args(["run", "--config"])
