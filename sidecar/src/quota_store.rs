@@ -308,8 +308,7 @@ return 1
 
 /// A Rolling quota's emission interval in ms, to the microsecond (as the local GCRA counts).
 fn rolling_interval_ms(q: &apiward_policy::config::QuotaConfig) -> f64 {
-    let us = (q.period_ms.saturating_mul(1000) / q.requests.max(1)).max(1);
-    us as f64 / 1000.0
+    apiward_policy::quota::emission_interval_us(q) as f64 / 1000.0
 }
 
 /// Global quota counters in Redis, with local leases.

@@ -34,19 +34,13 @@ pub(super) fn policy(
     let authn = p.spec.authentication.clone().unwrap_or_default();
     let mut jwt = Vec::new();
     for (i, j) in authn.jwt.iter().enumerate() {
-        match jwt_provider(&pk, ns, i, j, refs)? {
-            Ok(Some(provider)) => jwt.push(provider),
-            Ok(None) => {}
-            Err(m) => missing.push(m),
-        }
+        jwt.extend(jwt_provider(&pk, ns, i, j, refs, &mut missing)?);
     }
-    let mut api_keys = Vec::new();
-    for k in &authn.api_keys {
-        match api_key_provider(&pk, ns, k, refs) {
-            Ok(provider) => api_keys.push(provider),
-            Err(m) => missing.push(m),
-        }
-    }
+    let api_keys = authn
+        .api_keys
+        .iter()
+        .filter_map(|k| api_key_provider(&pk, ns, k, refs, &mut missing))
+        .collect();
     let api = match &p.spec.api {
         Some(a) => Some(api_surface(ns, a, refs, &mut missing)?),
         None => None,
@@ -106,15 +100,16 @@ pub(super) fn mtls(m: crds::MtlsMode) -> wire::MtlsMode {
     }
 }
 
-/// One `authentication.jwt[]` entry. `Ok(Err(..))` names a missing reference; `Ok(None)`
-/// is an entry without a key source (admission refuses those).
+/// One `authentication.jwt[]` entry; `None` when its Secret is missing (added to
+/// `missing`) or it has no key source (admission refuses those).
 fn jwt_provider(
     pk: &str,
     ns: &str,
     i: usize,
     j: &crds::JwtProvider,
     refs: &Refs<'_>,
-) -> Result<Result<Option<wire::JwtProvider>, String>, CompileError> {
+    missing: &mut Vec<String>,
+) -> Result<Option<wire::JwtProvider>, CompileError> {
     let jwks = if let Some(u) = &j.jwks_uri {
         wire::JwksSource::Uri(u.clone())
     } else if let Some(doc) = &j.jwks {
@@ -123,14 +118,15 @@ fn jwt_provider(
         match secret_value(refs.secrets, ns, &r.name).and_then(|d| d.get(&r.key).cloned()) {
             Some(b) => wire::JwksSource::Inline(String::from_utf8_lossy(&b).into_owned()),
             None => {
-                return Ok(Err(format!(
+                missing.push(format!(
                     "Secret {ns}/{} key {} (authentication.jwt {})",
                     r.name, r.key, j.name
-                )));
+                ));
+                return Ok(None);
             }
         }
     } else {
-        return Ok(Ok(None));
+        return Ok(None);
     };
     let mut algorithms: Vec<String> = j.algorithms.iter().map(|a| format!("{a:?}")).collect();
     if algorithms.is_empty() {
@@ -140,7 +136,7 @@ fn jwt_provider(
         Some(s) => ms(|| format!("spec.authentication.jwt[{i}].clockSkew"), s)? / 1000,
         None => 30,
     };
-    Ok(Ok(Some(wire::JwtProvider {
+    Ok(Some(wire::JwtProvider {
         id: format!("{pk}/{}", j.name),
         issuer: j.issuer.clone(),
         audiences: j.audiences.clone(),
@@ -149,25 +145,27 @@ fn jwt_provider(
         clock_skew_seconds,
         forward_claims: j.forward_claims.clone(),
         token_header: j.header.clone().unwrap_or_else(|| "authorization".into()),
-    })))
+    }))
 }
 
-/// One `authentication.apiKeys[]` entry: its Secret's keys as HMAC-SHA256 hashes. `Err`
-/// names a missing Secret.
+/// One `authentication.apiKeys[]` entry: its Secret's keys as HMAC-SHA256 hashes; `None`
+/// when the Secret is missing (added to `missing`).
 fn api_key_provider(
     pk: &str,
     ns: &str,
     k: &crds::ApiKeyProvider,
     refs: &Refs<'_>,
-) -> Result<wire::ApiKeyProvider, String> {
+    missing: &mut Vec<String>,
+) -> Option<wire::ApiKeyProvider> {
     let Some(data) = secret_value(refs.secrets, ns, &k.secret_ref.name) else {
-        return Err(format!(
+        missing.push(format!(
             "Secret {ns}/{} (authentication.apiKeys {})",
             k.secret_ref.name, k.name
         ));
+        return None;
     };
     let hk = hmac_key(pk, &k.name, &k.secret_ref.name);
-    Ok(wire::ApiKeyProvider {
+    Some(wire::ApiKeyProvider {
         id: format!("{pk}/{}", k.name),
         header: if k.query.is_some() {
             k.header.clone()

@@ -72,6 +72,11 @@ pub fn calendar_window(unit: CalendarUnit, now_ms: u64) -> (u64, u64) {
     }
 }
 
+/// A Rolling quota's emission interval — the time one request uses up — in µs (at least 1).
+pub fn emission_interval_us(q: &QuotaConfig) -> u64 {
+    (q.period_ms.saturating_mul(1000) / q.requests.max(1)).max(1)
+}
+
 /// Applies one request to a key's state. Returns the verdict and the state to store.
 pub fn acquire(
     q: &QuotaConfig,
@@ -88,7 +93,7 @@ pub fn acquire(
             let ms = |us: u64| us.div_ceil(1000);
             let now = now_ms * 1000;
             let requests = q.requests.max(1);
-            let t = (q.period_ms.saturating_mul(1000) / requests).max(1);
+            let t = emission_interval_us(q);
             let limit = requests + q.burst;
             let tau = t * (limit - 1);
             let tat = match state {

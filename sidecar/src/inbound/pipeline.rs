@@ -116,7 +116,7 @@ pub async fn handle(
         limits: port.map_or(&NO_LIMITS, |p| &p.limits),
         caller: Caller::default(),
         authn_would_deny: None,
-        decision: Decision::new(engine.mtls(port_no)),
+        decision: Decision::new(port.map_or_else(|| engine.mtls(port_no), |p| p.mtls)),
         body_tripped: Arc::default(),
         forwarded: false,
     };

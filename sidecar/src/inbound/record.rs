@@ -15,12 +15,10 @@ use crate::state::{Active, Shared};
 /// Records a request the pipeline finished with `status`; `refused` when a stage refused it.
 pub fn finish(ctx: &RequestCtx<'_>, status: u16, refused: Option<&Refusal>) {
     let d = &ctx.decision;
-    let (label, reason) = match refused {
-        Some(r) => ("deny", r.code),
-        None if ctx.authn_would_deny.is_some() && d.allowed() => {
-            ("would_deny", ctx.authn_would_deny.unwrap_or_default())
-        }
-        None => (d.label(), d.reason().code()),
+    let (label, reason) = match (refused, ctx.authn_would_deny) {
+        (Some(r), _) => ("deny", r.code),
+        (None, Some(code)) => ("would_deny", code),
+        (None, None) => (d.label(), d.reason().code()),
     };
     // The rule label names the rule that decided: none when a stage after the engine
     // refused a request the rules allowed.
